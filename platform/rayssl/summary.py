@@ -1,0 +1,73 @@
+"""After a sweep: results table, pictures and best-trial tags on the parent MLflow run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Dict
+
+from rayssl import tracking
+from rayssl.config import ExperimentConfig
+
+log = logging.getLogger("rayssl.sweep")
+
+
+def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, parent: str) -> Dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, mode = cfg.sweep.metric, cfg.sweep.mode
+    df = results.get_dataframe()
+    params = list(cfg.sweep.space)
+    n_errors = len(results.errors)
+    summary: Dict[str, Any] = {"n_trials": len(results), "n_errors": n_errors, "best": None}
+    if df.empty or metric not in df:
+        log.error("no trial reported %s (%d errors)", metric, n_errors)
+        return summary
+    # Child run id per trial, for the table and the best-trial link.
+    run_ids = {}
+    for trial_id in df["trial_id"]:
+        run_ids[trial_id] = tracking.find_run(uri, exp_id, {tracking.TRIAL_TAG: trial_id,
+                                                            tracking.SWEEP_TAG: parent})
+    df = df.assign(mlflow_run_id=df["trial_id"].map(run_ids))
+    cols = ["trial_id", "mlflow_run_id", *[f"config/{p}" for p in params if f"config/{p}" in df],
+            metric, "epoch", "time_total_s"]
+    table = df[[c for c in cols if c in df]].sort_values(metric, ascending=(mode == "min"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "results.csv")
+        table.to_csv(path, index=False)
+        tracking.log_artifact(uri, parent, path, "summary")
+
+    n = len(params)
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(3.2 * max(n, 1), 3), squeeze=False)
+    for ax, p in zip(axes[0], params):
+        ax.scatter(df[f"config/{p}"], df[metric])
+        ax.set_xlabel(p)
+        ax.set_ylabel(f"{metric} (%)")
+    fig.suptitle(f"{metric} per swept parameter (last report of each trial)")
+    tracking.log_figure(uri, parent, fig, "summary/metric_vs_params.png")
+    plt.close(fig)
+
+    ordered = df.sort_values("timestamp") if "timestamp" in df else df
+    best_so_far = ordered[metric].cummax() if mode == "max" else ordered[metric].cummin()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.step(range(1, len(best_so_far) + 1), best_so_far, where="post")
+    ax.set_xlabel("trials finished")
+    ax.set_ylabel(f"best {metric} so far (%)")
+    tracking.log_figure(uri, parent, fig, "summary/best_so_far.png")
+    plt.close(fig)
+
+    best = results.get_best_result(metric=metric, mode=mode, scope="last")
+    best_trial = best.metrics.get("trial_id")
+    best_run = run_ids.get(best_trial)
+    tracking.set_tags(uri, parent, {"best_trial_id": best_trial, "best_run_id": best_run,
+                                    f"best_{metric}": best.metrics.get(metric)})
+    tracking.log_params(uri, parent, {f"best.{k}": v for k, v in best.config.items()})
+    summary.update(best={"config": best.config, metric: best.metrics.get(metric), "trial_id": best_trial,
+                         "run_id": best_run, "url": tracking.run_url(uri, exp_id, best_run) if best_run else None})
+    log.info("best trial %s: %s = %.2f with %s\n  MLflow: %s", best_trial, metric, best.metrics.get(metric),
+             best.config, summary["best"]["url"])
+    return summary

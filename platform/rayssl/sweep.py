@@ -1,0 +1,147 @@
+"""Ray Tune sweep over DINOv3 hyperparameters; each trial launches its own TorchTrainer.
+
+Shape (Ray 2.60 Train V2): the Tune trainable is a plain function that builds
+the datasets and a ``TorchTrainer`` and calls ``fit()``; ``TuneReportCallback``
+forwards rank 0's per-epoch reports (``knn_top1``) to Tune and its scheduler.
+MLflow: the driver owns the experiment and a parent run; each trial creates (or
+on restart finds) a child run tagged with the parent's id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, Optional
+
+import ray
+from ray import tune
+
+from rayssl import tracking
+from rayssl.config import ExperimentConfig, flat_params, from_dict, with_overrides
+from rayssl.trainer import build_trainer, data_spec, init_ray, trial_resources
+
+log = logging.getLogger("rayssl.sweep")
+
+# The trial function only waits on its trainer: it holds no CPU, so Ray Data's
+# budget (cluster minus Train's reservation) stays true. A bundle cannot be all
+# zeros, and every node has "memory", so a sliver of memory keeps it schedulable
+# on a plain `ray start` cluster with no custom resources.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 2**20}
+
+
+def search_space(cfg: ExperimentConfig) -> Dict[str, Any]:
+    """sweep.space (Hydra dicts) -> Tune sampling primitives, keyed by method field."""
+    space = {}
+    for name, spec in cfg.sweep.space.items():
+        kind = spec["type"]
+        if kind == "choice":
+            space[name] = tune.choice(list(spec["values"]))
+        elif kind == "grid":
+            space[name] = tune.grid_search(list(spec["values"]))
+        elif kind == "uniform":
+            space[name] = tune.uniform(spec["low"], spec["high"])
+        elif kind == "loguniform":
+            space[name] = tune.loguniform(spec["low"], spec["high"])
+        elif kind == "randint":
+            space[name] = tune.randint(spec["low"], spec["high"])
+    return space
+
+
+def max_concurrent_trials(cfg: ExperimentConfig) -> int:
+    if cfg.sweep.max_concurrent_trials > 0:
+        return cfg.sweep.max_concurrent_trials
+    need = trial_resources(cfg)
+    have = ray.cluster_resources()
+    fits = [math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
+    return max(1, min(fits) if fits else 1)
+
+
+def run_trial(config: Dict[str, Any], base: Dict[str, Any], experiment_id: str, parent_run_id: str,
+              n_train: int) -> None:
+    """One Tune trial: a child MLflow run and a TorchTrainer with the sampled method.* values."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = with_overrides(from_dict(base), config)
+    ctx = tune.get_context()
+    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    uri = cfg.tracking_uri
+    tags = {tracking.TRIAL_TAG: trial_id, tracking.SWEEP_TAG: parent_run_id, tracking.ROLE_TAG: "trial"}
+    run_id = tracking.find_run(uri, experiment_id, tags)  # a restarted trial continues its run
+    if run_id is None:
+        run_id = tracking.create_run(uri, experiment_id, trial_name, tags=tags, parent_run_id=parent_run_id)
+    tracking.log_params(uri, run_id, {**config, **flat_params(cfg)})
+    tracking.set_tags(uri, run_id, {"rayssl.trial_node_id": ray.get_runtime_context().get_node_id()})
+
+    trainer = build_trainer(cfg, name=f"{cfg.sweep.name}-{trial_id}", mlflow_run_id=run_id,
+                            n_train=n_train, callbacks=[TuneReportCallback()])
+    try:
+        trainer.fit()
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+
+
+def run_sweep(cfg: ExperimentConfig) -> Dict[str, Any]:
+    """Run the sweep described by ``cfg.sweep``; returns the best trial's config and metrics."""
+    from rayssl.data import validate_source
+    from rayssl.summary import log_sweep_summary
+
+    info = validate_source(data_spec(cfg))  # fails on a bad path before any Ray work
+    uri = cfg.tracking_uri
+    exp_id = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
+    sweep_name = f"{cfg.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = tracking.create_run(uri, exp_id, sweep_name, tags={tracking.ROLE_TAG: "sweep"})
+    tracking.log_params(uri, parent, {**{f"sweep.{k}": v for k, v in dataclasses.asdict(cfg.sweep).items()},
+                                      **flat_params(cfg)})
+    tracking.log_dict_artifact(uri, parent, cfg.to_dict(), "config/resolved.yaml")
+    tracking.log_dict_artifact(uri, parent, cfg.sweep.space, "config/search_space.yaml")
+    log.info("sweep %s: MLflow parent run %s in %s", sweep_name, parent, uri)
+
+    init_ray(cfg)
+    concurrent = max_concurrent_trials(cfg)
+    log.info("%d trials, at most %d at a time (%s per trial)", cfg.sweep.num_samples, concurrent,
+             trial_resources(cfg))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg.to_dict(), experiment_id=exp_id,
+                             parent_run_id=parent, n_train=info.n_train),
+        TRIAL_DRIVER_RESOURCES)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
+            search_alg=search_algorithm(cfg), scheduler=scheduler(cfg),
+            max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=sweep_name, storage_path=cfg.storage_path),
+    )
+    try:
+        results = tuner.fit()
+    except BaseException:
+        tracking.end_run(uri, parent, "FAILED")
+        raise
+    summary = log_sweep_summary(cfg, results, uri, exp_id, parent)
+    tracking.end_run(uri, parent, "FINISHED" if summary.get("best") else "FAILED")
+    return summary
+
+
+def search_algorithm(cfg: ExperimentConfig):
+    if cfg.sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=cfg.sweep.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.sweep.seed)
+
+
+def scheduler(cfg: ExperimentConfig):
+    if cfg.sweep.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
+                             grace_period=cfg.sweep.grace_period, reduction_factor=cfg.sweep.reduction_factor)
+    return None

@@ -1,0 +1,251 @@
+"""The per-worker training loop run by every Ray Train worker (DDP rank).
+
+Reads top to bottom: build the method, restore a checkpoint, then one pass over
+the multi-epoch stream of multi-crop batches (step -> schedules -> forward ->
+backward -> clip -> AdamW -> EMA teacher), with windowed telemetry to MLflow
+from rank 0 and, at each epoch end, k-NN evaluation, a checkpoint and a
+``ray.train.report`` (which Tune sees through ``TuneReportCallback``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any, Dict, Optional
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from rayssl.config import ExperimentConfig, from_dict
+from rayssl.method import build_method, knn_classify, loss_terms
+from rayssl.tracking import MetricLogger
+
+log = logging.getLogger("rayssl.train")
+
+CHECKPOINT_FILE = "state.pt"
+EPOCH_METRICS = ("loss", "loss_cls", "loss_patch", "loss_koleo")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the step and the term."""
+
+
+def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
+    cfg: ExperimentConfig = from_dict(loop_config["cfg"])
+    tracking_uri, run_id = loop_config["tracking_uri"], loop_config["mlflow_run_id"]
+    n_train: int = loop_config["n_train"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # Schedules are per step, so the run length must be known up front.
+    global_batch = cfg.train.batch_size * world
+    steps_per_epoch = n_train // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} x {world} workers exceeds the "
+                         f"{n_train} training images: no full step per epoch")
+    total_steps = steps_per_epoch * cfg.train.epochs
+
+    seed_everything(cfg.train.seed, rank)
+    method = build_method(cfg.method.name, cfg.method_kwargs())
+    method.configure(total_steps, steps_per_epoch, global_batch)
+    method.to(device)
+    optimizer = torch.optim.AdamW(method.param_groups(), betas=(0.9, 0.999),
+                                  fused=device.type == "cuda")
+
+    # Resume: Ray Train's latest checkpoint (after a failure or re-run), else train.resume_from.
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+        restore_rng(state["rng"][min(rank, len(state["rng"]) - 1)])
+        log.info("rank %d resumed at step %d/%d from %s", rank, start_step, total_steps, checkpoint.path)
+
+    model = method
+    if world > 1:
+        model = ray.train.torch.prepare_model(method, move_to_device=False)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext)
+
+    logger = MetricLogger(tracking_uri, run_id) if rank == 0 else None
+    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=cfg.train.batch_size, prefetch_batches=cfg.train.prefetch_batches,
+        drop_last=True, device=device)
+    batch_iter = iter(batches)
+
+    step = start_step
+    window, epoch_sums = defaultdict(float), defaultdict(float)
+    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    last_knn: Dict[str, float] = {}
+    if rank == 0:
+        log.info("training %d steps (%d epochs x %d steps, global batch %d on %d workers, %s)",
+                 total_steps, cfg.train.epochs, steps_per_epoch, global_batch, world, device)
+    while step < total_steps:
+        t0 = time.perf_counter()
+        batch = next(batch_iter, None)
+        window_wait += time.perf_counter() - t0
+        if batch is None:
+            raise RuntimeError(f"the data stream ended at step {step} of {total_steps}")
+        if int(batch["epoch"][-1]) < step // steps_per_epoch:
+            continue  # resuming: fast-forward through epochs already trained
+
+        hparams = method.apply_schedules(optimizer, step)
+        with autocast():
+            out = model(batch["global"], batch["local"] if batch["local"].shape[1] > 0 else None)
+        terms = loss_terms(out)
+        check_finite(terms, step)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norms = method.clip_gradients()
+        optimizer.step()
+        method.update_teacher(hparams["momentum"])
+        step += 1
+
+        for k, v in terms.items():
+            window[k] += float(v)
+            if k in EPOCH_METRICS:
+                epoch_sums[k] += float(v)
+        for k, v in {**hparams, **grad_norms}.items():
+            window[k] += float(v)
+        window_steps += 1
+
+        if step % cfg.train.log_every == 0 or step % steps_per_epoch == 0:
+            wall = time.perf_counter() - window_start
+            telemetry = {f"train/{k}": v / window_steps for k, v in window.items()}
+            telemetry["train/images_per_s"] = window_steps * global_batch / wall
+            telemetry["train/data_wait_frac"] = window_wait / wall
+            if device.type == "cuda":
+                telemetry["train/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if logger:
+                logger.log(telemetry, step)
+            window.clear()
+            window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+
+        if step % steps_per_epoch == 0:
+            epoch = step // steps_per_epoch
+            metrics = {k: v / steps_per_epoch for k, v in all_reduce_mean(epoch_sums, device).items()}
+            epoch_sums.clear()
+            metrics.update(epoch=epoch, step=step, images_per_s=telemetry["train/images_per_s"],
+                           data_wait_frac=telemetry["train/data_wait_frac"])
+            if epoch % cfg.train.knn_every == 0 or epoch == cfg.train.epochs:
+                if rank == 0:
+                    last_knn = evaluate_knn(method, cfg, device)
+                    log.info("epoch %d/%d step %d: loss %.4f, k-NN top-1 %.2f%%", epoch, cfg.train.epochs,
+                             step, metrics["loss"], last_knn["knn_top1"])
+            metrics.update(last_knn)
+            if logger:
+                logger.log(metrics, step)
+            report(metrics, method, optimizer, step, run_id, rank, world)
+
+
+def report(metrics: Dict[str, float], method: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           step: int, run_id: str, rank: int, world: int) -> None:
+    """Checkpoint (rank 0 writes; every rank's RNG state travels with it) and report.
+
+    ``ray.train.report`` is a barrier: every rank calls it at the same steps.
+    """
+    rng = gather_objects(rng_state(), world)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "epoch": metrics.get("epoch"), "rng": rng, "mlflow_run_id": run_id},
+                       os.path.join(tmp, CHECKPOINT_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+@torch.no_grad()
+def evaluate_knn(method: torch.nn.Module, cfg: ExperimentConfig, device: torch.device) -> Dict[str, float]:
+    """Weighted k-NN top-1 (%) of teacher CLS features: labelled train bank vs held-out queries."""
+    was_training = method.training
+    method.eval()
+    feats = {}
+    for name in ("knn_bank", "knn_query"):
+        xs, ys = [], []
+        for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=256, device=device):
+            xs.append(method.embed(batch["image"]).float())
+            ys.append(batch["label"])
+        feats[name] = (torch.cat(xs), torch.cat(ys))
+    method.train(was_training)
+    (bank_x, bank_y), (query_x, query_y) = feats["knn_bank"], feats["knn_query"]
+    n_classes = int(max(bank_y.max(), query_y.max())) + 1
+    ks = sorted({10, cfg.train.knn_k, 100})
+    acc = knn_classify(bank_x, bank_y, query_x, query_y, ks=ks, n_classes=n_classes)
+    out = {"knn_top1": float(acc[cfg.train.knn_k])}
+    out.update({f"knn_top1_k{k}": float(v) for k, v in acc.items()})
+    return out
+
+
+def check_finite(terms: Dict[str, torch.Tensor], step: int) -> None:
+    """Stop on a NaN/inf loss term, on every rank at once (one rank alone would hang DDP)."""
+    values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).cpu()
+    bad = ~torch.isfinite(values)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad_flags := bad.to(torch.int32))
+        bad = bad_flags > 0
+    if bool(bad.any()):
+        names = [k for k, b in zip(terms, bad.tolist()) if b]
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(names)} "
+                                 f"(values {[float(terms[k]) for k in names]})")
+
+
+def all_reduce_mean(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                     device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def gather_objects(obj: Any, world: int) -> list:
+    if world == 1 or not dist.is_initialized():
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    s = seed * 1000 + rank  # distinct masks per rank, reproducible per run
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,120 @@
+"""Ray runtime and the TorchTrainer of one training run (standalone or one Tune trial)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from rayssl import tracking
+from rayssl.config import REPO_ROOT, ExperimentConfig, flat_params
+from rayssl.train import train_loop_per_worker
+
+log = logging.getLogger("rayssl")
+
+
+def init_ray(cfg: ExperimentConfig) -> None:
+    """Start or join Ray; every worker gets the project's packages and the tracking URI."""
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        env_vars = {"MLFLOW_TRACKING_URI": cfg.tracking_uri, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+        runtime_env: Dict[str, Any] = {"env_vars": env_vars}
+        if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+            # Local: workers import dinov3/rayssl from this checkout without a working_dir upload.
+            env_vars["PYTHONPATH"] = os.pathsep.join(
+                [str(REPO_ROOT), str(REPO_ROOT / "platform"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env,
+                 log_to_driver=True, configure_logging=True, logging_level=logging.INFO)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def data_spec(cfg: ExperimentConfig):
+    from rayssl.data import DataSpec
+
+    names = {f.name for f in dataclasses.fields(DataSpec)}
+    return DataSpec(**{k: v for k, v in dataclasses.asdict(cfg.data).items() if k in names})
+
+
+def trial_resources(cfg: ExperimentConfig) -> Dict[str, float]:
+    """Logical resources one training run holds: Train workers plus Ray Data's actors."""
+    t = cfg.train
+    workers = max(t.num_workers, 1)
+    cpus = workers * t.cpus_per_worker + cfg.data.num_actors
+    if cfg.data.max_cpus is not None:
+        cpus = workers * t.cpus_per_worker + cfg.data.max_cpus
+    return {"CPU": cpus, "GPU": workers * t.gpus_per_worker if t.use_gpu else 0.0}
+
+
+def build_trainer(cfg: ExperimentConfig, *, name: str, mlflow_run_id: str, n_train: int,
+                  callbacks: Optional[List[Any]] = None) -> TorchTrainer:
+    """A TorchTrainer whose workers stream multi-crop batches and log into ``mlflow_run_id``."""
+    from ray.data import ExecutionOptions, ExecutionResources
+    from rayssl.data import build_eval_datasets, build_train_dataset
+
+    spec = data_spec(cfg)
+    train_ds = build_train_dataset(spec, seed=cfg.train.seed, epochs=cfg.train.epochs)
+    bank_ds, query_ds = build_eval_datasets(spec)
+    options = ExecutionOptions()
+    if cfg.data.max_cpus is not None:
+        options.resource_limits = ExecutionResources(cpu=cfg.data.max_cpus)
+    t = cfg.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "tracking_uri": cfg.tracking_uri,
+            "mlflow_run_id": mlflow_run_id,
+            "n_train": n_train,
+            "resume_from": t.resume_from,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})},
+        ),
+        datasets={"train": train_ds, "knn_bank": bank_ds, "knn_query": query_ds},
+        # The k-NN bank and queries must be whole on the rank that evaluates.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=options),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=cfg.storage_path,
+            callbacks=callbacks or [],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+
+
+def run_training(cfg: ExperimentConfig) -> Dict[str, Any]:
+    """One training run (no sweep), logged to MLflow as one run; re-running the same name resumes."""
+    from rayssl.data import validate_source
+
+    info = validate_source(data_spec(cfg))
+    uri = cfg.tracking_uri
+    exp_id = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
+    name = cfg.train.run_name or f"train-{cfg.model.backbone}-{cfg.data.name}"
+    run_id = tracking.find_run(uri, exp_id, {tracking.ROLE_TAG: "train", "rayssl.run_name": name})
+    if run_id is None:
+        run_id = tracking.create_run(uri, exp_id, name, tags={tracking.ROLE_TAG: "train", "rayssl.run_name": name})
+    else:
+        log.info("continuing MLflow run %s (%s)", run_id, name)
+    tracking.log_params(uri, run_id, flat_params(cfg))
+    tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config/resolved.yaml")
+    init_ray(cfg)
+    trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, n_train=info.n_train)
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+    log.info("done: %s", tracking.run_url(uri, exp_id, run_id))
+    return {"run_id": run_id, "metrics": result.metrics, "checkpoint": result.checkpoint}

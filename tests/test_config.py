@@ -1,0 +1,88 @@
+"""Config composition and validation: bad values fail early, naming the key."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, compose
+
+
+def test_quickstart_defaults_compose_and_map_onto_the_method():
+    cfg = compose()
+    assert cfg.data.name == "synthetic" and cfg.sweep.num_samples >= 4
+    kwargs = cfg.method_kwargs()
+    assert kwargs["img_size"] == cfg.data.global_size
+    for key in ("koleo_weight", "mask_ratio", "n_register_tokens", "temperature_student", "temperature_teacher"):
+        assert kwargs[key] == getattr(cfg.method, key)
+    assert set(cfg.sweep.space) == {"koleo_weight", "mask_ratio", "n_register_tokens",
+                                    "temperature_student", "temperature_teacher"}
+
+
+def test_documented_overrides_reach_the_config():
+    cfg = compose(["model=micro", "data=imagefolder", "data.path=/some/dir", "train.epochs=3",
+                   "sweep.num_samples=2", "tracking.uri=sqlite:///rel/x.db", "method.koleo_weight=0.25",
+                   "method.mask_ratio=0.4", "method.n_register_tokens=2", "method.temperature_student=0.2",
+                   "method.temperature_teacher=0.05"])
+    assert (cfg.model.depth, cfg.model.embed_dim, cfg.model.patch_size) == (2, 64, 8)
+    assert cfg.data.name == "imagefolder" and cfg.data.path == "/some/dir"
+    assert cfg.train.epochs == 3 and cfg.sweep.num_samples == 2
+    assert (cfg.method.koleo_weight, cfg.method.mask_ratio, cfg.method.n_register_tokens,
+            cfg.method.temperature_student, cfg.method.temperature_teacher) == (0.25, 0.4, 2, 0.2, 0.05)
+    # Relative sqlite paths become absolute: Ray workers run in another directory.
+    assert cfg.tracking_uri.startswith("sqlite:////") and cfg.tracking_uri.endswith("/rel/x.db")
+
+
+def test_default_tracking_store_is_absolute_sqlite_at_repo_root():
+    assert compose().tracking_uri == f"sqlite:///{REPO / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("method.mask_ratio=1.5", "method.mask_ratio"),
+    ("method.temperature_teacher=0", "method.temperature_teacher"),
+    ("method.koleo_weight=-1", "method.koleo_weight"),
+    ("method.n_register_tokens=-2", "method.n_register_tokens"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.epochs=abc", "train.epochs"),
+    ("data.global_size=30", "data.global_size"),
+    ("sweep.search=bayes", "sweep.search"),
+    ("sweep.space.mask_ratio.high=1.2", "sweep.space.mask_ratio"),
+])
+def test_invalid_values_raise_naming_the_key(override, key):
+    from rayssl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose([override])
+
+
+def test_cli_rejects_invalid_value_before_any_ray_work(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "sweep.py"), "method.mask_ratio=1.5",
+                           f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "method.mask_ratio" in proc.stderr
+    assert "ray" not in proc.stderr.lower() or "Started a local Ray instance" not in proc.stderr
+    assert not (tmp_path / "m.db").exists(), "nothing may be written before validation passes"
+    assert elapsed < 60, f"took {elapsed:.0f}s"
+
+
+def test_cli_rejects_missing_data_path_naming_it(tmp_path):
+    missing = tmp_path / "no-such-dir"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "sweep.py"), "data=imagefolder",
+                           f"data.path={missing}", f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert str(missing) in proc.stderr
+
+
+def test_stdlib_platform_is_not_shadowed_from_repo_root():
+    proc = subprocess.run([sys.executable, "-c", "import platform, sys; print(platform.system()); "
+                           "print(platform.__file__)"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    system, path = proc.stdout.split()
+    assert system == "Linux" or system in ("Darwin", "Windows")
+    assert "site-packages" not in path and not path.startswith(str(REPO))
+    assert not (REPO / "platform" / "__init__.py").exists()

@@ -1,0 +1,65 @@
+"""End to end: a real 2-trial Ray Tune sweep, 2 gloo DDP workers per trial, into a temporary MLflow store."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import compose
+
+EPOCHS = 2
+SWEPT = {"koleo_weight", "mask_ratio", "n_register_tokens", "temperature_student", "temperature_teacher"}
+PER_EPOCH = ("loss", "loss_cls", "loss_patch", "loss_koleo", "knn_top1")
+
+pytestmark = pytest.mark.slow
+
+
+def test_platform_module_is_stdlib_inside_ray_workers(ray_session):
+    @ray_session.remote(num_cpus=0)
+    def probe():
+        import platform
+
+        return platform.system(), platform.__file__
+
+    system, path = ray_session.get(probe.remote())
+    assert system in ("Linux", "Darwin", "Windows")
+    assert "/platform/" not in path.replace("\\", "/").split("site-packages")[0] or path.endswith("platform.py")
+
+
+def test_two_trial_sweep_with_two_ddp_workers_logs_nested_runs(ray_session, tmp_path):
+    from rayssl.sweep import run_sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = compose([
+        "model=micro", f"train.epochs={EPOCHS}", "train.num_workers=2", "train.cpus_per_worker=0.5",
+        "train.batch_size=16", "train.log_every=2", "data.synthetic_n_train=192", "data.synthetic_n_eval=96",
+        "data.n_local=2", "data.map_batch_size=32", "sweep.num_samples=2", f"tracking.uri={uri}",
+        f"train.storage_path={tmp_path}/ray_results", "tracking.experiment=it-sweep",
+    ])
+    summary = run_sweep(cfg)
+    assert summary["best"] is not None and summary["n_errors"] == 0
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("it-sweep")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "config")}
+    assert "config/resolved.yaml" in artifacts
+    assert "summary/results.csv" in {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert SWEPT <= set(child.data.params), set(child.data.params)
+        assert child.data.params["train.num_workers"] == "2"
+        for key in PER_EPOCH:
+            history = client.get_metric_history(child.info.run_id, key)
+            assert len(history) == EPOCHS, (key, history)
+            assert len({m.step for m in history}) == EPOCHS
+        knn = client.get_metric_history(child.info.run_id, "knn_top1")
+        assert all(0.0 <= m.value <= 100.0 for m in knn)
+        assert "rayssl.trial_node_id" in child.data.tags
