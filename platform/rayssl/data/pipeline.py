@@ -1,0 +1,425 @@
+"""Ray Data pipelines: the multi-epoch multi-crop train stream and the k-NN eval sets.
+
+Train stream design (``build_train_dataset``)
+--------------------------------------------
+* synthetic / imagefolder ("indexed" sources): the driver lists the rows once (paths or
+  PNG bytes + labels + keys) into one Arrow table put in the object store. The dataset is
+  ``ray.data.range((epochs - start_epoch) * n)``: global row index ``g`` is epoch
+  ``start_epoch + g // n``, position ``g % n`` in that epoch's permutation (seeded by
+  ``(seed, epoch)``: a full per-epoch shuffle for free, no per-epoch listing). The CPU
+  actors map indices to rows, read the file bytes, decode and multi-crop.
+* parquet / cifar10: one ``ray.data.read_parquet`` per epoch over the shards in a
+  ``(seed, epoch)``-shuffled order (rows inside shards are already shuffled by
+  prepare_data), an ``epoch`` column added, the epochs ``union``-ed in order; the same
+  CPU actors decode and multi-crop.
+* Every row's crops come from a ``torch.Generator`` seeded by ``row_seed(seed, epoch, key)``:
+  the same (seed, epoch) gives identical crops whatever the actor, batch or block layout.
+* Epoch order needs ``preserve_order``: it is set on the returned dataset's context and in
+  :func:`ray_data_limits` (pass that to ``ray.train.DataConfig(execution_options=...)``,
+  which otherwise replaces the dataset's options).
+
+Bad images (undecodable/corrupt/truncated) never crash the stream: the row is skipped and
+counted, and its slot is filled by another good image of the same batch (crops still
+seeded by the bad row's key) so every epoch keeps exactly ``n_train`` rows and the step
+count of the train loop stays exact. Greyscale, palette, RGBA, CMYK, 16-bit and tiny
+images are converted to RGB and used. Skips are counted in a small named actor per
+source: :func:`skip_stats` -> ``{"skipped": distinct bad images, "events": total skips,
+"first_bad": [keys...]}`` (log ``skipped`` as metric ``data_skipped``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from rayssl.data.sources import (DataSourceError, cifar10_parquet_dir, decode_image, held_out,
+                                 list_imagefolder, list_parquet, read_bytes, resolve_spec, row_seed,
+                                 stable_hash)
+from rayssl.data.spec import DataSpec
+
+log = logging.getLogger("rayssl.data")
+
+MAX_BAD_KEYS = 1000  # distinct bad keys remembered by the counter
+
+
+def content_key(data: bytes) -> str:
+    """Row key for sources without a key column: a hash of the encoded bytes."""
+    return "blake2b:" + hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Skip counter
+# ---------------------------------------------------------------------------------------
+
+def _source_id(spec: DataSpec) -> str:
+    return f"{spec.name}:{spec.path if spec.name != 'synthetic' else spec.synthetic_seed}"
+
+
+def skip_counter_name(spec) -> str:
+    """Name of the named actor counting bad images of this source."""
+    spec = resolve_spec(spec)
+    return "rayssl_data_skips_" + format(stable_hash(_source_id(spec)), "x")
+
+
+class _SkipCounter:
+    def __init__(self):
+        self.events = 0
+        self.bad: Dict[str, None] = {}
+        self.n_distinct = 0
+
+    def add(self, keys: List[str]) -> None:
+        self.events += len(keys)
+        for k in keys:
+            if k not in self.bad:
+                self.n_distinct += 1
+                if len(self.bad) < MAX_BAD_KEYS:
+                    self.bad[k] = None
+
+    def stats(self) -> Dict[str, Any]:
+        return {"skipped": self.n_distinct, "events": self.events, "first_bad": list(self.bad)[:20]}
+
+
+def _get_or_create_counter(name: str):
+    import ray
+
+    cls = ray.remote(num_cpus=0, max_restarts=0)(_SkipCounter)
+    return cls.options(name=name, get_if_exists=True, lifetime=None).remote()
+
+
+def skip_stats(spec) -> Dict[str, Any]:
+    """Bad-image counts of a source so far: ``{"skipped", "events", "first_bad"}``.
+
+    Callable from the driver or any Ray worker of the same job (e.g. rank 0 of the
+    train loop, to log ``data_skipped``). Zeros when nothing was counted yet.
+    """
+    import ray
+
+    try:
+        actor = ray.get_actor(skip_counter_name(spec))
+        return ray.get(actor.stats.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - no counter yet / gone with its owner
+        return {"skipped": 0, "events": 0, "first_bad": []}
+
+
+class _Reporter:
+    """Actor-side handle on the counter (lazy; failures never reach the data path)."""
+
+    def __init__(self, name: str):
+        self.name, self.handle, self.local = name, None, 0
+
+    def add(self, keys: List[str]) -> None:
+        if not keys:
+            return
+        self.local += len(keys)
+        log.warning("skipped %d undecodable image(s), e.g. %s", len(keys), keys[0])
+        try:
+            if self.handle is None:
+                self.handle = _get_or_create_counter(self.name)
+            self.handle.add.remote(list(keys))
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# Row tables (driver side)
+# ---------------------------------------------------------------------------------------
+
+def _indexed_table(spec: DataSpec, split: str):
+    """Arrow table (image|path, label, key) of an indexed source split ('train'|'eval')."""
+    if spec.name == "synthetic":
+        from rayssl.data.synthetic import synthetic_table
+
+        n = spec.synthetic_n_train if split == "train" else spec.synthetic_n_eval
+        return synthetic_table(int(spec.synthetic_seed), split, int(n), int(spec.synthetic_image_size))
+    lst = list_imagefolder(spec.path)
+    return (lst.train if split == "train" else lst.eval).to_arrow()
+
+
+def _parquet_listing(spec: DataSpec):
+    path = cifar10_parquet_dir(spec) if spec.name == "cifar10" else spec.path
+    return list_parquet(path)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng(stable_hash("epoch-order", seed, epoch)).permutation(n)
+
+
+# ---------------------------------------------------------------------------------------
+# Actors / batch functions
+# ---------------------------------------------------------------------------------------
+
+class MultiCropWorker:
+    """``map_batches`` callable class: rows -> decoded -> multi-crop uint8 columns.
+
+    Input batches are either index batches (``id``: global row index into the indexed
+    table) or Parquet rows (``image``, ``key``, ``epoch``).
+    """
+
+    def __init__(self, spec: Dict[str, Any], seed: int, start_epoch: int = 0, n_rows: int = 0,
+                 table_ref=None, counter_name: Optional[str] = None, hash_split: bool = False):
+        import torch
+
+        from dinov3.augment import MultiCropAugmentation
+
+        torch.set_num_threads(1)
+        self.spec = DataSpec.from_any(spec)
+        self.seed, self.start_epoch, self.n = int(seed), int(start_epoch), int(n_rows)
+        s = self.spec
+        self.aug = MultiCropAugmentation(global_size=s.global_size, local_size=s.local_size,
+                                         n_local=s.n_local, blur=s.blur)
+        self.reporter = _Reporter(counter_name or skip_counter_name(s))
+        self.hash_split = hash_split
+        self.keys = self.labels = self.images = self.paths = None
+        if table_ref is not None:
+            import ray
+
+            table = ray.get(table_ref) if isinstance(table_ref, ray.ObjectRef) else table_ref
+            self.keys = table.column("key").to_pylist()
+            if "image" in table.column_names:
+                self.images = table.column("image").to_pylist()
+            else:
+                self.paths = table.column("path").to_pylist()
+        self._orders: Dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = _epoch_order(self.n, self.seed, epoch)
+        return self._orders[epoch]
+
+    def _rows(self, batch: Dict[str, np.ndarray]) -> Tuple[List, List[str], np.ndarray]:
+        if "id" in batch:  # indexed source
+            g = np.asarray(batch["id"], dtype=np.int64)
+            epochs = self.start_epoch + g // self.n
+            pos = g % self.n
+            datas, keys = [], []
+            for e, p in zip(epochs.tolist(), pos.tolist()):
+                i = int(self._order(e)[p])
+                keys.append(self.keys[i])
+                if self.images is not None:
+                    datas.append(self.images[i])
+                else:
+                    try:
+                        datas.append(read_bytes(self.paths[i]))
+                    except Exception:  # noqa: BLE001 - unreadable file: counted as bad
+                        datas.append(None)
+            return datas, keys, epochs
+        datas = list(batch["image"])
+        if "key" in batch:
+            keys = [str(k) for k in batch["key"]]
+        else:
+            keys = [content_key(d) if d is not None else "" for d in datas]
+        return datas, keys, np.asarray(batch["epoch"], dtype=np.int64)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        import torch
+
+        datas, keys, epochs = self._rows(batch)
+        images: List[Optional[torch.Tensor]] = []
+        bad: List[int] = []
+        for i, d in enumerate(datas):
+            try:
+                images.append(torch.from_numpy(decode_image(d)).permute(2, 0, 1))
+            except Exception:  # noqa: BLE001 - corrupt / truncated / not an image
+                images.append(None)
+                bad.append(i)
+        if bad:
+            self.reporter.add([keys[i] for i in bad])
+            good = [i for i in range(len(images)) if images[i] is not None]
+            if good:
+                for j, i in enumerate(bad):
+                    images[i] = images[good[j % len(good)]]
+            else:  # nothing decodable in this batch: drop it
+                images, keys, epochs = [], [], epochs[:0]
+        b, s = len(images), self.spec
+        out_g = np.empty((b, 2, 3, s.global_size, s.global_size), dtype=np.uint8)
+        out_l = np.empty((b, s.n_local, 3, s.local_size, s.local_size), dtype=np.uint8)
+        gen = torch.Generator()
+        for i in range(b):
+            gen.manual_seed(row_seed(self.seed, int(epochs[i]), keys[i]))
+            g, loc = self.aug(images[i], gen)
+            out_g[i] = g.numpy()
+            out_l[i] = loc.numpy()
+        return {"global": out_g, "local": out_l, "epoch": np.asarray(epochs, dtype=np.int64)}
+
+
+def _add_epoch(batch, epoch: int, hash_split: bool, has_key: bool, keep_held_out: bool = False):
+    """Parquet rows -> rows with an epoch column (and the hash split applied)."""
+    import pyarrow as pa
+
+    if hash_split:
+        keys = batch.column("key").to_pylist() if has_key else [content_key(d) for d in batch.column("image").to_pylist()]
+        mask = np.fromiter((held_out(k) == keep_held_out for k in keys), dtype=bool, count=len(keys))
+        batch = batch.filter(pa.array(mask))
+    return batch.append_column("epoch", pa.array(np.full(batch.num_rows, epoch, dtype=np.int64)))
+
+
+class EvalWorker:
+    """``map_batches`` callable: rows (image bytes | path, label) -> EvalTransform uint8 + label."""
+
+    def __init__(self, size: int, counter_name: str):
+        import torch
+
+        from dinov3.augment import EvalTransform
+
+        torch.set_num_threads(1)
+        self.tf = EvalTransform(size)
+        self.size = size
+        self.reporter = _Reporter(counter_name)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        import torch
+
+        n = len(batch["label"])
+        out = np.empty((n, 3, self.size, self.size), dtype=np.uint8)
+        ok = np.zeros(n, dtype=bool)
+        bad = []
+        for i in range(n):
+            try:
+                data = batch["image"][i] if "image" in batch else read_bytes(str(batch["path"][i]))
+                img = torch.from_numpy(decode_image(data)).permute(2, 0, 1)
+                out[i] = self.tf(img).numpy()
+                ok[i] = True
+            except Exception:  # noqa: BLE001
+                bad.append(str(batch["key"][i]) if "key" in batch else str(i))
+        self.reporter.add(bad)
+        return {"image": out[ok], "label": np.asarray(batch["label"], dtype=np.int64)[ok]}
+
+
+# ---------------------------------------------------------------------------------------
+# Public builders
+# ---------------------------------------------------------------------------------------
+
+def ray_data_limits(spec) -> "Any":
+    """ExecutionOptions for ``ray.train.DataConfig(execution_options=...)``.
+
+    Caps Ray Data's CPU budget at ``spec.max_cpus`` (when set) and keeps the row order
+    (``preserve_order=True``: the train stream is in epoch order).
+    """
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    spec = resolve_spec(spec)
+    opts = ExecutionOptions(preserve_order=True)
+    if spec.max_cpus is not None:
+        opts.resource_limits = ExecutionResources(cpu=float(spec.max_cpus))
+    return opts
+
+
+def _configure(ds, spec: DataSpec):
+    opts = ray_data_limits(spec)
+    ds.context.execution_options.preserve_order = True
+    if spec.max_cpus is not None:
+        ds.context.execution_options.resource_limits = opts.resource_limits
+    return ds
+
+
+def build_train_dataset(spec, seed: int, epochs: int, start_epoch: int = 0):
+    """Multi-epoch multi-crop stream: columns ``global`` uint8 [2,3,G,G], ``local`` uint8
+    [n_local,3,L,L], ``epoch`` int64; rows of epochs start_epoch..epochs-1 in epoch order,
+    ``n_train`` rows per epoch. Crops seeded by (seed, epoch, row key)."""
+    import ray
+
+    spec = resolve_spec(spec)
+    if epochs <= start_epoch:
+        raise ValueError(f"epochs={epochs} must be > start_epoch={start_epoch}")
+    counter = skip_counter_name(spec)
+    _get_or_create_counter(counter)  # owned by this process: lives as long as the job/trial
+    n_epochs = int(epochs) - int(start_epoch)
+    bs = int(spec.map_batch_size)
+    actor_kwargs = dict(spec=spec.to_dict(), seed=int(seed), start_epoch=int(start_epoch), counter_name=counter)
+    compute = ray.data.ActorPoolStrategy(min_size=int(spec.num_actors), max_size=int(spec.num_actors))
+
+    if spec.name in ("synthetic", "imagefolder"):
+        table = _indexed_table(spec, "train")
+        n = table.num_rows
+        if n == 0:
+            raise DataSourceError(f"data.path={spec.path}: no training images")
+        total = n_epochs * n
+        n_blocks = max(1, min(math.ceil(total / (bs * 4)), 20000))
+        ds = ray.data.range(total, override_num_blocks=n_blocks)
+        actor_kwargs.update(n_rows=n, table_ref=ray.put(table))
+    elif spec.name in ("parquet", "cifar10"):
+        lst = _parquet_listing(spec)
+        cols = ["image"] + (["key"] if lst.has_key else [])
+        parts = []
+        for e in range(int(start_epoch), int(epochs)):
+            files = [lst.train_files[i] for i in _epoch_order(len(lst.train_files), int(seed), e)]
+            part = ray.data.read_parquet(files, columns=cols)
+            part = part.map_batches(functools.partial(_add_epoch, epoch=e, hash_split=lst.hash_split,
+                                                      has_key=lst.has_key),
+                                    batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+            parts.append(part)
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    else:
+        raise DataSourceError(f"data.name={spec.name!r}: unknown source")
+
+    ds = ds.map_batches(MultiCropWorker, fn_constructor_kwargs=actor_kwargs, batch_size=bs,
+                        batch_format="numpy", num_cpus=1, compute=compute)
+    return _configure(ds, spec)
+
+
+def _subset(n: int, size: Optional[int]) -> np.ndarray:
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(stable_hash("knn-subset", n, size)).permutation(n)[:size])
+
+
+def build_eval_datasets(spec):
+    """(bank, query) datasets, columns ``image`` uint8 [3,S,S] and ``label`` int64.
+
+    bank: labelled train images (``knn_bank_size`` of them, a fixed subset), query:
+    held-out images (``knn_query_size``); un-augmented :class:`dinov3.augment.EvalTransform`.
+    """
+    import pyarrow as pa
+    import ray
+
+    spec = resolve_spec(spec)
+    counter = skip_counter_name(spec)
+    _get_or_create_counter(counter)
+    fn_kwargs = dict(size=int(spec.eval_size), counter_name=counter)
+    sizes = {"train": spec.knn_bank_size, "eval": spec.knn_query_size}
+    out = []
+    for split in ("train", "eval"):
+        if spec.name in ("synthetic", "imagefolder"):
+            table = _indexed_table(spec, split)
+            table = table.take(pa.array(_subset(table.num_rows, sizes[split])))
+            chunk = max(64, math.ceil(table.num_rows / 16))
+            blocks = [table.slice(i, chunk) for i in range(0, table.num_rows, chunk)] or [table]
+            ds = ray.data.from_arrow(blocks)
+        else:
+            lst = _parquet_listing(spec)
+            files = lst.train_files if (split == "train" or lst.hash_split) else lst.eval_files
+            if not files:
+                raise DataSourceError(f"data.path={lst.root}: no held-out split")
+            cols = ["image"] + (["label"] if lst.has_label else []) + (["key"] if lst.has_key else [])
+            ds = ray.data.read_parquet(list(files), columns=cols)
+            if lst.hash_split:
+                ds = ds.map_batches(functools.partial(_filter_split, keep_held_out=split == "eval", has_key=lst.has_key),
+                                    batch_format="pyarrow", batch_size=None)
+            if not lst.has_label:
+                ds = ds.map_batches(_no_label, batch_format="pyarrow", batch_size=None)
+            if sizes[split] is not None:
+                ds = ds.limit(int(sizes[split]))
+        ds = ds.map_batches(EvalWorker, fn_constructor_kwargs=fn_kwargs, batch_size=256, batch_format="numpy",
+                            num_cpus=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(spec.num_actors))))
+        out.append(_configure(ds, spec))
+    return out[0], out[1]
+
+
+def _filter_split(batch, keep_held_out: bool, has_key: bool):
+    import pyarrow as pa
+
+    keys = batch.column("key").to_pylist() if has_key else [content_key(d) for d in batch.column("image").to_pylist()]
+    return batch.filter(pa.array([held_out(k) == keep_held_out for k in keys]))
+
+
+def _no_label(batch):
+    import pyarrow as pa
+
+    return batch.append_column("label", pa.array(np.full(batch.num_rows, -1, dtype=np.int64)))

@@ -1,0 +1,396 @@
+"""Data sources (driver side, no Ray): listing, validation, decoding, CIFAR-10 download.
+
+Every source yields rows ``{"image": encoded bytes, "label": int64, "key": str}``:
+
+* ``synthetic``: generated shapes (:mod:`rayssl.data.synthetic`), train + eval splits.
+* ``imagefolder``: ``<path>/<class>/<img>`` or ``<path>/{train,val|test}/<class>/<img>``;
+  local path or any pyarrow/fsspec URI. Without a val/test split, a deterministic
+  10 % of the images (by a stable hash of their relative path) is held out.
+* ``parquet``: shards with an ``image`` (bytes) column, optional ``label`` and ``key``
+  (``<path>/{train,val|test}/*.parquet`` or a flat directory, held out by key hash).
+* ``cifar10``: the official python tarball, downloaded once (md5-checked) into
+  ``path`` and converted to Parquet shards there, then read as ``parquet``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from rayssl.data.spec import SOURCE_NAMES, DataSourceError, DataSpec, SourceInfo
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+EVAL_SPLIT_NAMES = ("val", "test", "validation")
+HELD_OUT_MOD = 10  # 1 in 10 held out when a source has no eval split
+
+
+# ---------------------------------------------------------------------------------------
+# Hashing and decoding
+# ---------------------------------------------------------------------------------------
+
+def stable_hash(*parts) -> int:
+    """63-bit hash of the parts' string forms, identical across processes and machines."""
+    h = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def row_seed(seed: int, epoch: int, key: str) -> int:
+    """Per-row RNG seed of the multi-crop transform: a function of (seed, epoch, key) only."""
+    return stable_hash("rayssl-row", seed, epoch, key)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 RGB array [H, W, 3]; raises on anything undecodable.
+
+    Greyscale, palette, RGBA/LA (alpha dropped), CMYK, 16-bit and float images are converted
+    to 8-bit RGB. JPEGs go through torchvision's libjpeg decoder when available (faster).
+    """
+    if not data:
+        raise ValueError("empty image")
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        mode = img.mode
+        if mode == "RGB":
+            arr = np.array(img)
+        elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            a = np.asarray(img)
+            a = a.astype(np.float64)
+            top = 65535.0 if (mode.startswith("I;16") or a.max() > 255) else 255.0
+            a = np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+            arr = np.repeat(a[..., None], 3, axis=2)
+        elif mode == "F":
+            a = np.asarray(img, dtype=np.float64)
+            top = 1.0 if a.max() <= 1.0 else 255.0
+            a = np.clip(a * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+            arr = np.repeat(a[..., None], 3, axis=2)
+        else:  # L, 1, P, PA, RGBA, LA, CMYK, YCbCr, LAB, HSV, ...
+            if mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            arr = np.array(img.convert("RGB"))
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"unexpected decoded shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+# ---------------------------------------------------------------------------------------
+# File systems
+# ---------------------------------------------------------------------------------------
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path[len("file://"):] if path.startswith("file://") else path))
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(uri: str):
+    """(pyarrow FileSystem, path inside it) for a URI; fsspec wrapped when pyarrow lacks it."""
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception:  # noqa: BLE001 - fall back to fsspec for schemes pyarrow lacks
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root
+
+
+def read_bytes(path: str) -> bytes:
+    """Whole file as bytes: local path or URI."""
+    if not _is_uri(path):
+        with open(_local(path), "rb") as f:
+            return f.read()
+    fs, inner = _filesystem(path.split("://", 1)[0] + "://" + path.split("://", 1)[1])
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def _list_tree(root: str) -> Tuple[Optional[str], List[str], List[str]]:
+    """(error, subdirectory names, file names) of one directory (local or URI)."""
+    if not _is_uri(root):
+        root = _local(root)
+        if not os.path.isdir(root):
+            return ("does not exist" if not os.path.exists(root) else "is not a directory"), [], []
+        dirs, files = [], []
+        with os.scandir(root) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                (dirs if e.is_dir() else files).append(e.name)
+        return None, sorted(dirs), sorted(files)
+    import pyarrow.fs as pafs
+
+    try:
+        fs, inner = _filesystem(root)
+        info = fs.get_file_info(inner)
+        if info.type == pafs.FileType.NotFound:
+            return "does not exist", [], []
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+    except Exception as err:  # noqa: BLE001
+        return f"cannot be listed ({err})", [], []
+    dirs = sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+    files = sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+    return None, [d for d in dirs if not d.startswith(".")], [f for f in files if not f.startswith(".")]
+
+
+def _join(root: str, *names: str) -> str:
+    if _is_uri(root):
+        return posixpath.join(root.rstrip("/"), *names)
+    return os.path.join(_local(root), *names)
+
+
+def _walk_images(root: str) -> List[str]:
+    """Relative paths of all image files below root (recursive, sorted)."""
+    if not _is_uri(root):
+        root = _local(root)
+        out = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = os.path.relpath(dirpath, root)
+            for f in filenames:
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                    out.append(f if rel == "." else os.path.join(rel, f))
+        return sorted(out)
+    import pyarrow.fs as pafs
+
+    fs, inner = _filesystem(root)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    base = inner.rstrip("/") + "/"
+    return sorted(i.path[len(base):] for i in infos
+                  if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_EXTENSIONS)
+                  and not posixpath.basename(i.path).startswith("."))
+
+
+# ---------------------------------------------------------------------------------------
+# ImageFolder
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileTable:
+    """A listed split: full paths, labels, stable keys."""
+
+    paths: Tuple[str, ...]
+    labels: Tuple[int, ...]
+    keys: Tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def to_arrow(self):
+        import pyarrow as pa
+
+        return pa.table({"path": pa.array(self.paths, pa.string()), "label": pa.array(self.labels, pa.int64()),
+                         "key": pa.array(self.keys, pa.string())})
+
+
+@dataclass(frozen=True)
+class ImageFolderListing:
+    root: str
+    class_names: Tuple[str, ...]
+    train: FileTable
+    eval: FileTable
+    train_dir: str
+    eval_dir: Optional[str]
+
+
+def _class_files(split_root: str) -> Dict[str, List[str]]:
+    err, dirs, _ = _list_tree(split_root)
+    if err:
+        raise DataSourceError(f"data.path={split_root}: {err}")
+    out = {}
+    for d in dirs:
+        rel = _walk_images(_join(split_root, d))
+        if rel:
+            out[d] = [posixpath.join(d, r.replace(os.sep, "/")) for r in rel]
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def list_imagefolder(path: str) -> ImageFolderListing:
+    """List an ImageFolder (cached per path). Raises DataSourceError naming the path."""
+    if not path:
+        raise DataSourceError("data.path is required for data=imagefolder")
+    err, dirs, _ = _list_tree(path)
+    if err:
+        raise DataSourceError(f"data.path={path}: {err}")
+    train_dir, eval_dir = path, None
+    if "train" in dirs:
+        train_dir = _join(path, "train")
+        for name in EVAL_SPLIT_NAMES:
+            if name in dirs:
+                eval_dir = _join(path, name)
+                break
+    train_files = _class_files(train_dir)
+    if not train_files:
+        raise DataSourceError(f"data.path={path}: no images found in class sub-folders of {train_dir} "
+                              f"(expected <class>/<image>{'|'.join(IMAGE_EXTENSIONS[:3])}...)")
+    class_names = tuple(sorted(train_files))
+    index = {c: i for i, c in enumerate(class_names)}
+
+    def table(split_root: str, files: Dict[str, List[str]], keep=None) -> FileTable:
+        paths, labels, keys = [], [], []
+        for c in class_names:
+            for rel in files.get(c, ()):
+                if keep is not None and not keep(rel):
+                    continue
+                paths.append(_join(split_root, *rel.split("/")))
+                labels.append(index[c])
+                keys.append(rel)
+        return FileTable(tuple(paths), tuple(labels), tuple(keys))
+
+    if eval_dir is not None:
+        ev_files = _class_files(eval_dir)
+        train, ev = table(train_dir, train_files), table(eval_dir, ev_files)
+    else:  # deterministic held-out split by hash of the relative path
+        held = lambda rel: stable_hash("held-out", rel) % HELD_OUT_MOD == 0  # noqa: E731
+        train = table(train_dir, train_files, keep=lambda r: not held(r))
+        ev = table(train_dir, train_files, keep=held)
+    return ImageFolderListing(path, class_names, train, ev, train_dir, eval_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# Parquet
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParquetListing:
+    root: str
+    class_names: Tuple[str, ...]
+    train_files: Tuple[str, ...]
+    eval_files: Tuple[str, ...]
+    n_train: int
+    n_eval: int
+    has_label: bool
+    has_key: bool
+    hash_split: bool  # no eval split on disk: rows held out by key hash
+
+
+def _parquet_files(root: str) -> List[str]:
+    err, _, files = _list_tree(root)
+    if err:
+        return []
+    return [_join(root, f) for f in files if f.endswith(".parquet")]
+
+
+def _open_parquet(path: str):
+    import pyarrow.parquet as pq
+
+    if _is_uri(path):
+        fs, inner = _filesystem(path)
+        return pq.ParquetFile(fs.open_input_file(inner))
+    return pq.ParquetFile(_local(path))
+
+
+def _count_rows(files: Sequence[str]) -> int:
+    return sum(_open_parquet(f).metadata.num_rows for f in files)
+
+
+def held_out(key: str) -> bool:
+    return stable_hash("held-out", key) % HELD_OUT_MOD == 0
+
+
+@functools.lru_cache(maxsize=8)
+def list_parquet(path: str) -> ParquetListing:
+    if not path:
+        raise DataSourceError("data.path is required for data=parquet")
+    err, dirs, _ = _list_tree(path)
+    if err:
+        raise DataSourceError(f"data.path={path}: {err}")
+    train_files, eval_files = _parquet_files(_join(path, "train")) if "train" in dirs else [], []
+    if train_files:
+        for name in EVAL_SPLIT_NAMES:
+            if name in dirs:
+                eval_files = _parquet_files(_join(path, name))
+                break
+    else:
+        train_files = _parquet_files(path)
+    if not train_files:
+        raise DataSourceError(f"data.path={path}: no .parquet shards found (expected {path}/train/*.parquet "
+                              f"or {path}/*.parquet; write them with experiments/prepare_data.py)")
+    schema = _open_parquet(train_files[0]).schema_arrow
+    if "image" not in schema.names:
+        raise DataSourceError(f"data.path={path}: {train_files[0]} has no 'image' column (columns: {schema.names})")
+    has_label, has_key = "label" in schema.names, "key" in schema.names
+    class_names: Tuple[str, ...] = ()
+    for meta in (_join(path, "classes.json"),):
+        try:
+            class_names = tuple(json.loads(read_bytes(meta)))
+        except Exception:  # noqa: BLE001 - optional file
+            pass
+    hash_split = not eval_files
+    if hash_split:
+        import pyarrow.parquet as pq  # noqa: F401
+
+        n_eval = 0
+        n_all = 0
+        for f in train_files:
+            pf = _open_parquet(f)
+            col = pf.read(columns=["key"] if has_key else ["image"]).column(0).to_pylist()
+            n_all += len(col)
+            n_eval += sum(held_out(k if has_key else "blake2b:" + hashlib.blake2b(k, digest_size=8).hexdigest()) for k in col)
+        n_train = n_all - n_eval
+    else:
+        n_train, n_eval = _count_rows(train_files), _count_rows(eval_files)
+    if n_train == 0:
+        raise DataSourceError(f"data.path={path}: the parquet shards hold no rows")
+    if not class_names and has_label:
+        labels = set()
+        for f in train_files[:4]:
+            labels.update(_open_parquet(f).read(columns=["label"]).column(0).to_pylist())
+        class_names = tuple(str(i) for i in range(int(max(labels)) + 1)) if labels else ()
+    return ParquetListing(path, class_names, tuple(train_files), tuple(eval_files), n_train, n_eval,
+                          has_label, has_key, hash_split)
+
+
+# ---------------------------------------------------------------------------------------
+# validate_source
+# ---------------------------------------------------------------------------------------
+
+def resolve_spec(spec) -> DataSpec:
+    """DataSpec from anything DataSpec.from_any takes; cifar10 is resolved to its parquet dir."""
+    return DataSpec.from_any(spec)
+
+
+def cifar10_parquet_dir(spec: DataSpec) -> str:
+    """Download + convert CIFAR-10 if needed, return the Parquet directory."""
+    from rayssl.data.cifar10 import ensure_cifar10
+
+    if not spec.path:
+        raise DataSourceError("data.path (the CIFAR-10 cache directory) is required for data=cifar10")
+    return ensure_cifar10(spec.path)
+
+
+def validate_source(spec) -> SourceInfo:
+    """Check the source exists and is non-empty (driver side, before any Ray work).
+
+    Returns SourceInfo(n_train, n_eval, class_names). Raises DataSourceError naming the
+    path. For cifar10 this downloads (md5-checked) and converts on first use.
+    """
+    spec = resolve_spec(spec)
+    if spec.name not in SOURCE_NAMES:
+        raise DataSourceError(f"data.name={spec.name!r}: must be one of {', '.join(SOURCE_NAMES)}")
+    if spec.name == "synthetic":
+        from rayssl.data.synthetic import CLASS_NAMES
+
+        if spec.synthetic_n_train < 1:
+            raise DataSourceError(f"data.synthetic_n_train={spec.synthetic_n_train}: must be >= 1")
+        return SourceInfo(int(spec.synthetic_n_train), int(spec.synthetic_n_eval), list(CLASS_NAMES))
+    if spec.name == "imagefolder":
+        lst = list_imagefolder(spec.path)
+        return SourceInfo(len(lst.train), len(lst.eval), list(lst.class_names))
+    path = cifar10_parquet_dir(spec) if spec.name == "cifar10" else spec.path
+    lst = list_parquet(path)
+    return SourceInfo(lst.n_train, lst.n_eval, list(lst.class_names))
