@@ -182,6 +182,7 @@ class MultiCropAugmentation:
         return p
 
     def apply(self, img: torch.Tensor, p: dict, size: int) -> torch.Tensor:
+        """One crop with the torchvision functional ops, op by op (reference path, slow)."""
         i, j, h, w = p["box"]
         x = F.resized_crop(img, i, j, h, w, [size, size], interpolation=BICUBIC, antialias=True)
         if p["flip"]:
@@ -204,18 +205,152 @@ class MultiCropAugmentation:
             x = solarize(x, 128)
         return x
 
-    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-        image = _as_rgb_uint8(image)
-        height, width = image.shape[-2:]
-        g = torch.empty((2, 3, self.global_size, self.global_size), dtype=torch.uint8)
-        loc = torch.empty((self.n_local, 3, self.local_size, self.local_size), dtype=torch.uint8)
-        for c in range(2 + self.n_local):
-            p = self.sample_params(c, height, width, generator)
-            if c < 2:
-                g[c] = self.apply(image, p, self.global_size)
-            else:
-                loc[c - 2] = self.apply(image, p, self.local_size)
+    def photometric(self, out: torch.Tensor, params: List[dict]) -> torch.Tensor:
+        """Flip / jitter (per-crop random op order) / grayscale / blur / solarize of uint8
+        crops [N, 3, S, S], vectorised over the crops with per-crop parameters.
+
+        Every op is per-crop elementwise (the blur is a shifted sum, not a conv), so a crop's
+        result does not depend on which other crops share the call.
+        """
+        flips = [k for k, p in enumerate(params) if p["flip"]]
+        if flips:
+            out[flips] = out[flips].flip(-1)
+        jit = [k for k, p in enumerate(params) if p["jitter"] is not None]
+        gray = [k for k, p in enumerate(params) if p["gray"]]
+        blur = [k for k, p in enumerate(params) if p["sigma"] is not None]
+        if jit or gray or blur:
+            x = out.float().div_(255.0)
+            if jit:
+                for pos in range(4):
+                    for op in range(4):
+                        sel = [k for k in jit if params[k]["jitter"][pos][0] == op]
+                        if sel:
+                            f = torch.tensor([params[k]["jitter"][pos][1] for k in sel])
+                            x[sel] = _JITTER_OPS[op](x[sel], f)
+            if gray:
+                x[gray] = _gray(x[gray]).expand(-1, 3, -1, -1)
+            if blur:
+                x[blur] = _blur_batch(x[blur], [params[k]["sigma"] for k in blur], self.blur_kernel_size)
+            out = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        sol = [k for k, p in enumerate(params) if p["solarize"]]
+        if sol:
+            out[sol] = solarize(out[sol], 128)
+        return out
+
+    def apply_group(self, img: torch.Tensor, params: List[dict], size: int) -> torch.Tensor:
+        """Crops of one image and one size: per-crop resized crop, then :meth:`photometric`."""
+        return self._crops([img] * len(params), params, size)
+
+    def _crops(self, images: Sequence[torch.Tensor], params: List[dict], size: int) -> torch.Tensor:
+        out = torch.empty((len(params), 3, size, size), dtype=torch.uint8)
+        for k, (img, p) in enumerate(zip(images, params)):
+            i, j, h, w = p["box"]
+            out[k] = F.resized_crop(img, i, j, h, w, [size, size], interpolation=BICUBIC, antialias=True)
+        return self.photometric(out, params)
+
+    def batch(self, images: Sequence[torch.Tensor], generators: Sequence[torch.Generator]
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Many images at once (one generator each): global [B, 2, 3, G, G], local [B, n, 3, L, L].
+
+        Identical to stacking ``self(image_b, generator_b)``; faster because the photometric
+        ops run once over all crops of a size instead of once per image.
+        """
+        images = [_as_rgb_uint8(im) for im in images]
+        b, n = len(images), self.n_local
+        pg, pl, ig, il = [], [], [], []
+        for img, gen in zip(images, generators):
+            height, width = img.shape[-2:]
+            ps = [self.sample_params(c, height, width, gen) for c in range(2 + n)]
+            pg += ps[:2]
+            pl += ps[2:]
+            ig += [img, img]
+            il += [img] * n
+        g = self._crops(ig, pg, self.global_size).view(b, 2, 3, self.global_size, self.global_size)
+        if n:
+            loc = self._crops(il, pl, self.local_size).view(b, n, 3, self.local_size, self.local_size)
+        else:
+            loc = torch.empty((b, 0, 3, self.local_size, self.local_size), dtype=torch.uint8)
         return g, loc
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        g, loc = self.batch([image], [generator])
+        return g[0], loc[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Vectorised float ops on [N, 3, H, W] in [0, 1] with per-crop factors [N]
+# (same formulas as torchvision.transforms.v2.functional)
+# ---------------------------------------------------------------------------------------
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(dim=-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    f = f.view(-1, 1, 1, 1)
+    return (a * f + b * (1.0 - f)).clamp_(0.0, 1.0)
+
+
+def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+
+
+def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _gray(x), f)
+
+
+def _hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Hue shift by f (fraction of a turn) per crop: torchvision's RGB->HSV->RGB, written in
+    the chroma form (value and saturation are unchanged by a hue shift, so only the
+    hexcone position h6 = 6 * hue moves)."""
+    r, g, b = x.unbind(dim=-3)
+    maxc, _ = x.max(dim=-3)
+    minc, _ = x.min(dim=-3)
+    cr = maxc - minc
+    crd = torch.where(cr == 0, torch.ones_like(cr), cr)
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    h6 = torch.where(is_r, (g - b) / crd, torch.where(is_g, 2.0 + (b - r) / crd, 4.0 + (r - g) / crd))
+    h6 = torch.remainder(h6 + (6.0 * f).view(-1, 1, 1), 6.0)
+    rgb = torch.stack(((h6 - 3.0).abs_().sub_(1.0), (h6 - 2.0).abs_().neg_().add_(2.0),
+                       (h6 - 4.0).abs_().neg_().add_(2.0)), dim=-3).clamp_(0.0, 1.0)
+    return rgb.mul_(cr.unsqueeze(-3)).add_(minc.unsqueeze(-3))
+
+
+_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
+def _blur_batch(x: torch.Tensor, sigmas: Sequence[float], kernel_size: int = 9) -> torch.Tensor:
+    """Separable Gaussian blur of float [N, 3, H, W], one sigma per crop, reflect padding.
+
+    Written as k shifted multiply-adds per axis (per-crop weights), which beats a grouped
+    depthwise conv2d on CPU and keeps every crop independent of the others in the batch.
+    """
+    n, c, h, w = x.shape
+    k = min(kernel_size, 2 * (min(h, w) - 1) + 1)
+    if k < 3:
+        return x
+    k = k if k % 2 == 1 else k - 1
+    pad = k // 2
+    half = (k - 1) * 0.5
+    t = torch.linspace(-half, half, k)
+    sig = torch.tensor(sigmas, dtype=x.dtype).view(n, 1)
+    kern = torch.exp(-0.5 * (t.view(1, k) / sig) ** 2)
+    kern = (kern / kern.sum(dim=1, keepdim=True)).T.reshape(k, n, 1, 1, 1)
+    xp = tnf.pad(x, [pad, pad, 0, 0], mode="reflect")
+    y = xp[..., 0:w] * kern[0]
+    for i in range(1, k):
+        y.addcmul_(xp[..., i:i + w], kern[i])
+    yp = tnf.pad(y, [0, 0, pad, pad], mode="reflect")
+    z = yp[..., 0:h, :] * kern[0]
+    for i in range(1, k):
+        z.addcmul_(yp[..., i:i + h, :], kern[i])
+    return z
 
 
 class EvalTransform:

@@ -237,15 +237,18 @@ class MultiCropWorker:
                     images[i] = images[good[j % len(good)]]
             else:  # nothing decodable in this batch: drop it
                 images, keys, epochs = [], [], epochs[:0]
-        b, s = len(images), self.spec
-        out_g = np.empty((b, 2, 3, s.global_size, s.global_size), dtype=np.uint8)
-        out_l = np.empty((b, s.n_local, 3, s.local_size, s.local_size), dtype=np.uint8)
-        gen = torch.Generator()
-        for i in range(b):
+        gens = []
+        for i in range(len(images)):
+            gen = torch.Generator()
             gen.manual_seed(row_seed(self.seed, int(epochs[i]), keys[i]))
-            g, loc = self.aug(images[i], gen)
-            out_g[i] = g.numpy()
-            out_l[i] = loc.numpy()
+            gens.append(gen)
+        if images:
+            g, loc = self.aug.batch(images, gens)
+            out_g, out_l = g.numpy(), loc.numpy()
+        else:
+            s = self.spec
+            out_g = np.empty((0, 2, 3, s.global_size, s.global_size), dtype=np.uint8)
+            out_l = np.empty((0, s.n_local, 3, s.local_size, s.local_size), dtype=np.uint8)
         return {"global": out_g, "local": out_l, "epoch": np.asarray(epochs, dtype=np.int64)}
 
 

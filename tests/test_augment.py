@@ -1,0 +1,164 @@
+"""dinov3.augment: shapes, determinism, per-crop probabilities, agreement with torchvision."""
+
+import math
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as F
+
+import dinov3.augment as A
+from dinov3.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropAugmentation, normalize
+
+
+def _img(h=48, w=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+
+def test_shapes_and_dtypes():
+    aug = MultiCropAugmentation(global_size=32, local_size=16, n_local=6)
+    g, loc = aug(_img(), torch.Generator().manual_seed(0))
+    assert g.shape == (2, 3, 32, 32) and g.dtype == torch.uint8
+    assert loc.shape == (6, 3, 16, 16) and loc.dtype == torch.uint8
+    g0, l0 = MultiCropAugmentation(32, 16, n_local=0)(_img(), torch.Generator().manual_seed(0))
+    assert g0.shape == (2, 3, 32, 32) and l0.shape == (0, 3, 16, 16)
+
+
+def test_tiny_and_odd_inputs():
+    aug = MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
+    for img in (_img(8, 8), _img(1, 1), _img(5, 300), torch.zeros(1, 20, 20, dtype=torch.uint8),
+                torch.zeros(4, 20, 20, dtype=torch.uint8)):
+        g, loc = aug(img, torch.Generator().manual_seed(1))
+        assert g.shape == (2, 3, 32, 32) and loc.shape == (2, 3, 16, 16)
+
+
+def test_same_seed_identical_different_seed_different():
+    aug = MultiCropAugmentation(global_size=32, local_size=16, n_local=4)
+    img = _img()
+    a = aug(img, torch.Generator().manual_seed(123))
+    b = aug(img, torch.Generator().manual_seed(123))
+    c = aug(img, torch.Generator().manual_seed(124))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])
+    # global randomness ignored: reseeding torch's default RNG changes nothing
+    torch.manual_seed(0)
+    d = aug(img, torch.Generator().manual_seed(123))
+    torch.manual_seed(99)
+    e = aug(img, torch.Generator().manual_seed(123))
+    assert torch.equal(d[0], e[0]) and torch.equal(d[1], e[1])
+
+
+def test_batch_equals_single():
+    aug = MultiCropAugmentation(global_size=32, local_size=16, n_local=3)
+    imgs = [_img(seed=i) for i in range(5)]
+    gb, lb = aug.batch(imgs, [torch.Generator().manual_seed(i) for i in range(5)])
+    for i in range(5):
+        g, loc = aug(imgs[i], torch.Generator().manual_seed(i))
+        assert torch.equal(gb[i], g) and torch.equal(lb[i], loc)
+
+
+def _sample(aug, n=4000, h=48, w=40):
+    gen = torch.Generator().manual_seed(0)
+    return [[aug.sample_params(c, h, w, gen) for c in range(2 + aug.n_local)] for _ in range(n)]
+
+
+def _rate(samples, crop, key, pred=lambda v: bool(v)):
+    vals = [pred(s[crop][key]) for s in samples]
+    return sum(vals) / len(vals)
+
+
+def _close(p_hat, p, n):
+    return abs(p_hat - p) <= 4 * math.sqrt(max(p * (1 - p), 1e-4) / n) + 1e-9
+
+
+@pytest.mark.parametrize("mode,probs", [("nominal", (1.0, 0.1, 0.5)), ("official", (0.0, 0.9, 0.5))])
+def test_blur_probabilities(mode, probs):
+    aug = MultiCropAugmentation(32, 16, n_local=2, blur=mode)
+    s = _sample(aug)
+    blurred = lambda v: v is not None  # noqa: E731
+    for crop, p in zip((0, 1, 2), probs):
+        assert _close(_rate(s, crop, "sigma", blurred), p, len(s)), (mode, crop)
+    sig = [c["sigma"] for x in s for c in x if c["sigma"] is not None]
+    assert min(sig) >= 0.1 and max(sig) <= 2.0
+
+
+def test_other_probabilities_and_solarize_only_global2():
+    aug = MultiCropAugmentation(32, 16, n_local=3)
+    s = _sample(aug)
+    n = len(s)
+    assert _rate(s, 0, "solarize") == 0.0
+    assert _close(_rate(s, 1, "solarize"), 0.2, n)
+    for c in range(2, 5):
+        assert _rate(s, c, "solarize") == 0.0
+    for c in range(5):
+        assert _close(_rate(s, c, "flip"), 0.5, n)
+        assert _close(_rate(s, c, "jitter", lambda v: v is not None), 0.8, n)
+        assert _close(_rate(s, c, "gray"), 0.2, n)
+    # crop scales: global (0.32, 1), local (0.05, 0.32) of the image area (up to rounding)
+    area = 48 * 40
+    for c, (lo, hi) in ((0, (0.32, 1.0)), (2, (0.05, 0.32))):
+        fr = [x[c]["box"][2] * x[c]["box"][3] / area for x in s]
+        assert min(fr) > lo * 0.8 and max(fr) < hi * 1.2
+    # jitter factor ranges
+    f = [dict(x[0]["jitter"]) for x in s if x[0]["jitter"] is not None]
+    for op, (lo, hi) in enumerate(((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))):
+        vals = [d[op] for d in f]
+        assert lo <= min(vals) and max(vals) <= hi
+
+
+def test_solarize_applied_to_global2_pixels():
+    aug = MultiCropAugmentation(32, 16, n_local=1, solarize_prob=1.0, flip_prob=0, jitter_prob=0,
+                                grayscale_prob=0, blur="official")
+    aug.blur_probs = (0.0, 0.0, 0.0)
+    img = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    g, loc = aug(img, torch.Generator().manual_seed(0))
+    assert (g[0] == 200).all() and (g[1] == 55).all() and (loc == 200).all()
+
+
+def test_vectorised_ops_match_torchvision():
+    x = torch.randint(0, 256, (5, 3, 24, 24), dtype=torch.uint8)
+    xf = x.float() / 255
+    cases = [(A._brightness, F.adjust_brightness, 1.3), (A._contrast, F.adjust_contrast, 0.7),
+             (A._saturation, F.adjust_saturation, 1.2), (A._hue, F.adjust_hue, 0.08), (A._hue, F.adjust_hue, -0.1)]
+    for fast, ref, f in cases:
+        a = (fast(xf, torch.full((5,), f)) * 255).round().to(torch.uint8)
+        b = torch.stack([ref(x[i], f) for i in range(5)])
+        assert (a.int() - b.int()).abs().max() <= 1, fast.__name__
+    sig = [0.1, 0.5, 1.0, 1.5, 2.0]
+    a = (A._blur_batch(xf, sig) * 255).round().to(torch.uint8)
+    b = torch.stack([F.gaussian_blur(x[i], [9, 9], [s, s]) for i, s in enumerate(sig)])
+    assert (a.int() - b.int()).abs().max() <= 1
+
+
+def test_fast_path_matches_reference_path():
+    aug = MultiCropAugmentation(32, 16, n_local=4)
+    img = _img()
+    gen = torch.Generator().manual_seed(5)
+    ps = [aug.sample_params(c, 48, 40, gen) for c in range(6)]
+    fast = aug.apply_group(img, ps[2:], 16)
+    ref = torch.stack([aug.apply(img, p, 16) for p in ps[2:]])
+    d = (fast.int() - ref.int()).abs().float()
+    assert d.mean() < 2.0  # only intermediate uint8 rounding differs
+
+
+def test_eval_transform():
+    tf = EvalTransform(32)
+    assert tf.resize_size == round(32 * 256 / 224)
+    out = tf(_img(50, 70))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    assert EvalTransform(224)(_img(300, 400)).shape == (3, 224, 224)
+    assert EvalTransform(16)(_img(8, 8)).shape == (3, 16, 16)
+
+
+def test_normalize():
+    x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    y = normalize(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    for c in range(3):
+        assert torch.allclose(y[:, c], torch.tensor((1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]))
+    assert torch.allclose(normalize(x.float() / 255), y)
+
+
+def test_bad_blur_mode():
+    with pytest.raises(ValueError):
+        MultiCropAugmentation(blur="sometimes")
