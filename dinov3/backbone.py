@@ -1,0 +1,135 @@
+"""timm ViT backbones that accept a patch mask (recipe section 4).
+
+Two families:
+
+* ``vit_*``        timm ``VisionTransformer``: learned absolute pos-embed, native register
+                   tokens (``reg_tokens``), LayerScale via ``init_values``.
+* ``vit_*_dinov3`` timm ``Eva``: RoPE, registers, LayerScale (the DINOv3 architecture).
+
+Both are built with ``dynamic_img_size=True`` (global and local crops differ in size) so
+``patch_embed`` returns NHWC; :class:`MaskableViT` replaces masked patch embeddings by a
+learned mask token right after ``patch_embed``, i.e. before the absolute pos-embed
+(VisionTransformer) or before the blocks and their RoPE (Eva). Token layout of the
+output: ``[CLS, registers, patches]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
+
+
+def is_dinov3_family(name: str) -> bool:
+    """``vit_*_dinov3`` (optionally ``_qkvb`` or a ``.tag``) -> timm Eva with RoPE."""
+    return "_dinov3" in name.split(".")[0]
+
+
+def create_timm_vit(
+    name: str,
+    img_size: int,
+    patch_size: Optional[int] = None,
+    embed_dim: Optional[int] = None,
+    depth: Optional[int] = None,
+    num_heads: Optional[int] = None,
+    n_register_tokens: int = 4,
+    drop_path_rate: float = 0.0,
+    layerscale_init: Optional[float] = 1e-5,
+    pretrained: bool = False,
+) -> nn.Module:
+    """Create the bare timm model (no classifier head, CLS token, registers)."""
+    kwargs = dict(num_classes=0, img_size=img_size, dynamic_img_size=True, drop_path_rate=drop_path_rate)
+    for key, value in (("patch_size", patch_size), ("embed_dim", embed_dim), ("depth", depth),
+                       ("num_heads", num_heads)):
+        if value is not None:
+            kwargs[key] = value
+    if is_dinov3_family(name):
+        kwargs.update(num_reg_tokens=n_register_tokens, class_token=True)
+        if layerscale_init is not None:
+            kwargs["init_values"] = layerscale_init
+    else:
+        kwargs.update(reg_tokens=n_register_tokens, class_token=True)
+        # Released vit_* checkpoints have no LayerScale: adding it would break strict loading.
+        if layerscale_init is not None and not pretrained:
+            kwargs["init_values"] = layerscale_init
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if not isinstance(model, (VisionTransformer, Eva)):
+        raise ValueError(f"backbone={name!r}: expected a timm VisionTransformer or Eva, got {type(model).__name__}")
+    if getattr(model, "cls_token", None) is None:
+        raise ValueError(f"backbone={name!r}: DINOv3 needs a CLS token")
+    set_uniform_drop_path(model, drop_path_rate)
+    return model
+
+
+def set_uniform_drop_path(vit: nn.Module, rate: float) -> None:
+    """Same stochastic-depth rate in every block (recipe; timm builds a linear ramp)."""
+    for blk in vit.blocks:
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(blk, name):
+                setattr(blk, name, DropPath(rate) if rate > 0 else nn.Identity())
+
+
+class MaskableViT(nn.Module):
+    """A timm ViT plus a learned mask token.
+
+    ``forward(images [N, 3, H, W], masks bool [N, h*w] | None) -> tokens [N, T, D]`` after
+    the final norm, ``T = num_prefix_tokens + h*w`` with layout ``[CLS, registers, patches]``.
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.embed_dim: int = vit.embed_dim
+        self.num_prefix_tokens: int = vit.num_prefix_tokens  # CLS + registers
+        self.num_register_tokens: int = self.num_prefix_tokens - 1
+        self.is_eva = isinstance(vit, Eva)
+        self.mask_token = nn.Parameter(torch.zeros(1, vit.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    @property
+    def patch_size(self) -> Tuple[int, int]:
+        return tuple(self.vit.patch_embed.patch_size)
+
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    def grid_size(self, img_size: int) -> Tuple[int, int]:
+        ph, pw = self.patch_size
+        return img_size // ph, img_size // pw
+
+    def _embed(self, images: torch.Tensor, masks: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.vit.patch_embed(images)  # [N, h, w, D] (dynamic_img_size -> NHWC)
+        if masks is not None:
+            # Substitute before any position information is added (abs pos-embed / RoPE).
+            m = masks.view(*x.shape[:-1], 1)
+            x = torch.where(m, self.mask_token.to(x.dtype), x)
+        return x
+
+    def forward(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        vit = self.vit
+        x = self._embed(images, masks)
+        if self.is_eva:
+            x, rope = vit._pos_embed(x)  # prepends CLS + registers; rope covers patches only
+            x = vit.norm_pre(x)
+            mixed = getattr(vit, "rope_mixed", False) and rope is not None
+            for i, blk in enumerate(vit.blocks):
+                x = blk(x, rope=rope[i] if mixed else rope)
+        else:
+            x = vit._pos_embed(x)  # [N, T, D]
+            x = vit.patch_drop(x)
+            x = vit.norm_pre(x)
+            x = vit.blocks(x)
+        return vit.norm(x)
+
+
+def build_backbone(cfg) -> MaskableViT:
+    """``cfg``: a :class:`dinov3.config.DINOv3Config`."""
+    vit = create_timm_vit(cfg.backbone, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
+                          cfg.n_register_tokens, cfg.drop_path_rate, cfg.layerscale_init, cfg.pretrained)
+    return MaskableViT(vit)

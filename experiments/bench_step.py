@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Time one DINOv3 training step of this repo's method (the counterpart of
+``shared/baselines/seed_step_bench.py``, same workload and flags).
+
+One step = apply_schedules + forward + backward + clip_gradients + AdamW step + EMA
+teacher update, on random data. Default workload (CPU): timm ``vit_tiny_patch16_224``
+rebuilt with img_size 32 / patch_size 4, 4 registers, batch 32, 2 global crops 32x32 +
+6 local crops 16x16, 4096 CLS / 1024 patch prototypes, head hidden 512, bottleneck 256.
+Drop path 0 like the baseline's encoder.
+
+    PYTHONPATH=.:platform python experiments/bench_step.py
+    PYTHONPATH=.:platform python experiments/bench_step.py --mask-strategy random   # seed's masking
+    PYTHONPATH=.:platform python experiments/bench_step.py --device cuda            # bf16 autocast
+
+Prints one JSON line (median s/step, peak RSS, losses; on CUDA also images/s, peak CUDA
+memory and an MFU estimate from torch's FLOP counter).
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+
+# dense bf16 peak FLOP/s by device-name substring (for the MFU estimate)
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def rss_now_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoder", default="vit_tiny_patch16_224")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--local-size", type=int, default=16)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--n-global", type=int, default=2, help="must be 2 (DINOv3 uses two global crops)")
+    p.add_argument("--n-local", type=int, default=6)
+    p.add_argument("--n-cls-prototypes", type=int, default=4096)
+    p.add_argument("--n-patch-prototypes", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--bottleneck", type=int, default=256)
+    p.add_argument("--registers", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=5e-4, help="unused with --schedules")
+    p.add_argument("--threads", type=int, default=0, help="0 = torch default")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--mask-strategy", default="block", choices=("block", "random"))
+    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--no-ema", action="store_true", help="skip EMA teacher update")
+    p.add_argument("--no-clip", action="store_true", help="skip per-module gradient clipping")
+    p.add_argument("--schedules", action="store_true", help="recipe lr/wd schedules instead of fixed lr")
+    p.add_argument("--uint8", action="store_true", help="feed uint8 crops (normalised inside)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU needs avx512_bf16/AMX to pay off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the result here")
+    args = p.parse_args()
+    if args.n_global != 2:
+        p.error("--n-global must be 2")
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    t0 = time.perf_counter()
+    from dinov3 import DINOv3Config, build_method
+
+    import_s = time.perf_counter() - t0
+    rss_after_import = rss_now_mib()
+
+    dev = torch.device(args.device)
+    cfg = DINOv3Config(
+        backbone=args.encoder, img_size=args.img_size, patch_size=args.patch_size,
+        n_register_tokens=args.registers, drop_path_rate=args.drop_path,
+        head_hidden_dim=args.hidden, head_bottleneck_dim=args.bottleneck,
+        n_cls_prototypes=args.n_cls_prototypes, n_patch_prototypes=args.n_patch_prototypes,
+        mask_strategy=args.mask_strategy, mask_seed=args.seed,
+    )
+    model = build_method(cfg)
+    model.configure(total_steps=100, steps_per_epoch=10, global_batch_size=args.batch)
+    model = model.to(dev).train()
+    rss_after_build = rss_now_mib()
+
+    groups = model.param_groups()
+    if not args.schedules:
+        for g in groups:  # the baseline's fixed AdamW settings
+            g["lr"], g["weight_decay"] = args.lr, 0.05
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95),
+                            fused=dev.type == "cuda")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+
+    g = torch.Generator().manual_seed(args.seed)
+
+    def batch():
+        shape_g = (args.batch, 2, 3, args.img_size, args.img_size)
+        shape_l = (args.batch, args.n_local, 3, args.local_size, args.local_size)
+        if args.uint8:
+            gl = torch.randint(0, 256, shape_g, generator=g, dtype=torch.uint8)
+            lo = torch.randint(0, 256, shape_l, generator=g, dtype=torch.uint8)
+        else:
+            gl, lo = torch.randn(shape_g, generator=g), torch.randn(shape_l, generator=g)
+        return gl.to(dev), (lo.to(dev) if args.n_local > 0 else None)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and dev.type == "cuda")
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    times, cpu_times, losses = [], [], []
+    phase = {"fwd": [], "bwd": [], "opt": [], "ema": []}
+    out = None
+    for step in range(args.warmup + args.steps):
+        gl, lo = batch()
+        sync()
+        t = time.perf_counter()
+        c = time.process_time()
+        hp = model.apply_schedules(opt, step) if args.schedules else {"momentum": 0.996}
+        with autocast():
+            out = model(gl, lo)
+        sync()
+        t1 = time.perf_counter()
+        out.loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        if not args.no_clip:
+            model.clip_gradients()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        if not args.no_ema:
+            model.update_teacher(hp["momentum"])
+        sync()
+        t4 = time.perf_counter()
+        if step >= args.warmup:
+            times.append(t4 - t)
+            cpu_times.append(time.process_time() - c)
+            for k, v in zip(phase, (t1 - t, t2 - t1, t3 - t2, t4 - t3)):
+                phase[k].append(v)
+        losses.append({"loss": float(out.loss.detach()), "cls": float(out.loss_cls),
+                       "patch": float(out.loss_patch), "koleo": float(out.loss_koleo)})
+
+    model.eval()
+    with torch.no_grad(), autocast():
+        emb = model.embed(torch.randn(4, 3, args.img_size, args.img_size, device=dev))
+    model.train()
+
+    med = statistics.median(times)
+    res = {
+        "method": "dinov3 (this repo)",
+        "torch": torch.__version__,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "ema": not args.no_ema,
+        "clip": not args.no_clip,
+        "mask_strategy": args.mask_strategy,
+        "precision": "bf16-autocast" if use_bf16 else "fp32",
+        "config": {k: getattr(args, k) for k in (
+            "encoder", "img_size", "local_size", "patch_size", "batch", "n_global", "n_local",
+            "n_cls_prototypes", "n_patch_prototypes", "hidden", "bottleneck", "registers")},
+        "params_trainable": n_train,
+        "params_total_incl_teacher": n_all,
+        "import_s": round(import_s, 2),
+        "median_s_per_step": round(med, 4),
+        "mean_s_per_step": round(statistics.mean(times), 4),
+        "min_s_per_step": round(min(times), 4),
+        "max_s_per_step": round(max(times), 4),
+        "median_cpu_s_per_step": round(statistics.median(cpu_times), 4),
+        "median_phase_s": {k: round(statistics.median(v), 4) for k, v in phase.items()},
+        "loadavg_1m_at_end": os.getloadavg()[0],
+        "rss_after_import_mib": round(rss_after_import, 1),
+        "rss_after_build_mib": round(rss_after_build, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "first_losses": losses[0],
+        "last_losses": losses[-1],
+        "all_finite": all(all(v == v and abs(v) != float("inf") for v in d.values()) for d in losses),
+        "eval_embedding_shape": list(emb.shape),
+    }
+    if dev.type == "cuda":
+        res["images_per_s"] = round(args.batch / med, 1)
+        res["peak_cuda_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        res["gpu"] = torch.cuda.get_device_name()
+        res.update(mfu_estimate(model, batch, autocast, med, res["gpu"]))
+    s = json.dumps(res)
+    print(s)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(s + "\n")
+
+
+def mfu_estimate(model, batch, autocast, s_per_step: float, gpu_name: str) -> dict:
+    """FLOPs of one forward+backward (torch FLOP counter) / step time / bf16 peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gl, lo = batch()
+    counter = FlopCounterMode(display=False)
+    with counter, autocast():
+        model(gl, lo).loss.backward()
+    model.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu_name), None)
+    out = {"flops_per_step": flops, "achieved_tflops": round(flops / s_per_step / 1e12, 2)}
+    if peak:
+        out["mfu"] = round(flops / s_per_step / peak, 4)
+    return out
+
+
+if __name__ == "__main__":
+    main()
