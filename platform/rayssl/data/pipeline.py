@@ -39,7 +39,7 @@ import numpy as np
 
 from rayssl.data.sources import (DataSourceError, cifar10_parquet_dir, decode_image, held_out,
                                  list_imagefolder, list_parquet, read_bytes, resolve_spec, row_seed,
-                                 stable_hash)
+                                 stable_hash, validate_source)
 from rayssl.data.spec import DataSpec
 
 log = logging.getLogger("rayssl.data")
@@ -84,11 +84,19 @@ class _SkipCounter:
         return {"skipped": self.n_distinct, "events": self.events, "first_bad": list(self.bad)[:20]}
 
 
+_COUNTERS: Dict[Tuple[str, str], Any] = {}  # strong refs: a named actor is collected with its last handle
+
+
 def _get_or_create_counter(name: str):
     import ray
 
+    slot = (name, ray.get_runtime_context().get_job_id())  # a re-initialised Ray starts afresh
+    if slot in _COUNTERS:  # keep the first (owning) handle: dropping it would kill the actor
+        return _COUNTERS[slot]
     cls = ray.remote(num_cpus=0, max_restarts=0)(_SkipCounter)
-    return cls.options(name=name, get_if_exists=True, lifetime=None).remote()
+    handle = cls.options(name=name, get_if_exists=True).remote()
+    _COUNTERS[slot] = handle
+    return handle
 
 
 def skip_stats(spec) -> Dict[str, Any]:
@@ -118,11 +126,15 @@ class _Reporter:
         self.local += len(keys)
         log.warning("skipped %d undecodable image(s), e.g. %s", len(keys), keys[0])
         try:
+            import ray
+
             if self.handle is None:
                 self.handle = _get_or_create_counter(self.name)
-            self.handle.add.remote(list(keys))
-        except Exception:  # noqa: BLE001
-            pass
+            # Blocking (bad images are rare): a fire-and-forget call can be lost when Ray Data
+            # tears the actor pool down right after the last batch.
+            ray.get(self.handle.add.remote(list(keys)), timeout=30)
+        except Exception as err:  # noqa: BLE001 - counting must never break the data path
+            log.warning("could not report skipped images to %s: %s", self.name, err)
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,6 +343,7 @@ def build_train_dataset(spec, seed: int, epochs: int, start_epoch: int = 0):
     spec = resolve_spec(spec)
     if epochs <= start_epoch:
         raise ValueError(f"epochs={epochs} must be > start_epoch={start_epoch}")
+    validate_source(spec)  # DataSourceError naming the path before any Ray work
     counter = skip_counter_name(spec)
     _get_or_create_counter(counter)  # owned by this process: lives as long as the job/trial
     n_epochs = int(epochs) - int(start_epoch)
@@ -383,6 +396,7 @@ def build_eval_datasets(spec):
     import ray
 
     spec = resolve_spec(spec)
+    validate_source(spec)  # DataSourceError naming the path before any Ray work
     counter = skip_counter_name(spec)
     _get_or_create_counter(counter)
     fn_kwargs = dict(size=int(spec.eval_size), counter_name=counter)

@@ -188,7 +188,8 @@ def _count_skips(rows, counter):
 
 
 def convert_imagefolder(source: str, output: str, resize: Optional[int] = None, shard_size: int = 5000,
-                        seed: int = 0, progress: bool = True, force: bool = False) -> Dict:
+                        seed: int = 0, progress: bool = True, force: bool = False,
+                        num_threads: int = 8) -> Dict:
     """ImageFolder (local path or URI) -> Parquet dataset under ``output``; returns the manifest.
 
     Skips the work (returns the existing manifest with ``"skipped_existing": True``) when
@@ -204,22 +205,28 @@ def convert_imagefolder(source: str, output: str, resize: Optional[int] = None, 
         man["skipped_existing"] = True
         return man
 
+    def load(path: str) -> Optional[bytes]:
+        try:
+            data = read_bytes(path)
+            if resize or not _is_jpeg(data):
+                arr = decode_image(data)
+                if resize:
+                    arr = resize_short_side(arr, int(resize))
+                return encode_jpeg(arr)
+            decode_image(data)  # verify
+            return data
+        except Exception:  # noqa: BLE001 - bad image: skipped and recorded in the manifest
+            return None
+
     def rows(table, split_seed):
-        order = np.random.default_rng([seed, split_seed]).permutation(len(table))
-        for i in order:
-            path, label, key = table.paths[i], table.labels[i], table.keys[i]
-            try:
-                data = read_bytes(path)
-                if resize or not _is_jpeg(data):
-                    arr = decode_image(data)
-                    if resize:
-                        arr = resize_short_side(arr, int(resize))
-                    data = encode_jpeg(arr)
-                else:
-                    decode_image(data)  # verify
-            except Exception:  # noqa: BLE001 - bad image: skipped and recorded
-                data = None
-            yield data, int(label), key
+        from concurrent.futures import ThreadPoolExecutor
+
+        order = np.random.default_rng([seed, split_seed]).permutation(len(table)).tolist()
+        with ThreadPoolExecutor(max_workers=num_threads) as pool:  # file reads are latency bound
+            for start in range(0, len(order), 256):
+                chunk = order[start:start + 256]
+                for i, data in zip(chunk, pool.map(load, [table.paths[i] for i in chunk])):
+                    yield data, int(table.labels[i]), table.keys[i]
 
     splits = {"train": (len(lst.train), rows(lst.train, 0)), eval_name: (len(lst.eval), rows(lst.eval, 1))}
     return write_dataset(output, splits, lst.class_names, params, shard_size, progress)
