@@ -21,8 +21,10 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import DropPath
-from timm.models.eva import Eva
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.eva import Eva, EvaBlock
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from dinov3.fused import mlp_branch_supported, residual_mlp
 
 
 def is_dinov3_family(name: str) -> bool:
@@ -81,9 +83,11 @@ class MaskableViT(nn.Module):
     the final norm, ``T = num_prefix_tokens + h*w`` with layout ``[CLS, registers, patches]``.
     """
 
-    def __init__(self, vit: nn.Module):
+    def __init__(self, vit: nn.Module, lean_mlp: bool = True):
         super().__init__()
         self.vit = vit
+        # fused residual-MLP branch (dinov3.fused) where the block layout allows it
+        self.lean_blocks = [lean_mlp and type(b) in (Block, EvaBlock) and mlp_branch_supported(b) for b in vit.blocks]
         self.embed_dim: int = vit.embed_dim
         self.num_prefix_tokens: int = vit.num_prefix_tokens  # CLS + registers
         self.num_register_tokens: int = self.num_prefix_tokens - 1
@@ -118,18 +122,35 @@ class MaskableViT(nn.Module):
             x, rope = vit._pos_embed(x)  # prepends CLS + registers; rope covers patches only
             x = vit.norm_pre(x)
             mixed = getattr(vit, "rope_mixed", False) and rope is not None
-            for i, blk in enumerate(vit.blocks):
-                x = blk(x, rope=rope[i] if mixed else rope)
         else:
             x = vit._pos_embed(x)  # [N, T, D]
             x = vit.patch_drop(x)
             x = vit.norm_pre(x)
-            x = vit.blocks(x)
+            rope, mixed = None, False
+        lean = (torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled(x.device.type))
+        for i, blk in enumerate(vit.blocks):
+            r = rope[i] if mixed else rope
+            if lean and self.lean_blocks[i]:
+                x = self._lean_block(blk, x, r)
+            else:
+                x = blk(x, rope=r) if self.is_eva else blk(x)
         return vit.norm(x)
+
+    def _lean_block(self, blk: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
+        """The block's own attention branch, then the fused MLP branch (same math as ``blk(x)``)."""
+        if self.is_eva:
+            x_attn = blk.attn(blk.norm1(x), rope=rope)
+            if blk.gamma_1 is not None:
+                x_attn = blk.gamma_1 * x_attn
+            x = x + blk.drop_path1(x_attn)
+        else:
+            x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+        return residual_mlp(blk, x)
 
 
 def build_backbone(cfg) -> MaskableViT:
     """``cfg``: a :class:`dinov3.config.DINOv3Config`."""
     vit = create_timm_vit(cfg.backbone, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
                           cfg.n_register_tokens, cfg.drop_path_rate, cfg.layerscale_init, cfg.pretrained)
-    return MaskableViT(vit)
+    return MaskableViT(vit, lean_mlp=cfg.lean_mlp)

@@ -37,6 +37,7 @@ class DINOv3Config:
     drop_path_rate: float = 0.1  # uniform over depth; 0.1 ViT-S, 0.3 ViT-B/L
     layerscale_init: Optional[float] = 1e-5  # None = no LayerScale (vit_* only)
     pretrained: bool = False
+    lean_mlp: bool = True  # fused, activation-lean MLP branch in fp32 training (dinov3.fused)
     # ---- heads ----
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
