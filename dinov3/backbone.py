@@ -24,7 +24,7 @@ from timm.layers import DropPath
 from timm.models.eva import Eva, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from dinov3.fused import mlp_branch_supported, residual_mlp
+from dinov3.fused import attn_branch_supported, mlp_branch_supported, residual_attention, residual_mlp
 
 
 def is_dinov3_family(name: str) -> bool:
@@ -88,6 +88,8 @@ class MaskableViT(nn.Module):
         self.vit = vit
         # fused residual-MLP branch (dinov3.fused) where the block layout allows it
         self.lean_blocks = [lean_mlp and type(b) in (Block, EvaBlock) and mlp_branch_supported(b) for b in vit.blocks]
+        self.lean_attn = [lean and type(b) is Block and attn_branch_supported(b) for lean, b in
+                          zip(self.lean_blocks, vit.blocks)]
         self.embed_dim: int = vit.embed_dim
         self.num_prefix_tokens: int = vit.num_prefix_tokens  # CLS + registers
         self.num_register_tokens: int = self.num_prefix_tokens - 1
@@ -132,18 +134,20 @@ class MaskableViT(nn.Module):
         for i, blk in enumerate(vit.blocks):
             r = rope[i] if mixed else rope
             if lean and self.lean_blocks[i]:
-                x = self._lean_block(blk, x, r)
+                x = self._lean_block(i, blk, x, r)
             else:
                 x = blk(x, rope=r) if self.is_eva else blk(x)
         return vit.norm(x)
 
-    def _lean_block(self, blk: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
+    def _lean_block(self, i: int, blk: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
         """The block's own attention branch, then the fused MLP branch (same math as ``blk(x)``)."""
         if self.is_eva:
             x_attn = blk.attn(blk.norm1(x), rope=rope)
             if blk.gamma_1 is not None:
                 x_attn = blk.gamma_1 * x_attn
             x = x + blk.drop_path1(x_attn)
+        elif x.device.type == "cpu" and self.lean_attn[i]:
+            x = residual_attention(blk, x)
         else:
             x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
         return residual_mlp(blk, x)

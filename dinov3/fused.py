@@ -1,4 +1,6 @@
-"""Memory-lean residual MLP branch for timm ViT blocks (fp32 training on CPU).
+"""Memory-lean residual branches for timm ViT blocks (fp32 training on CPU).
+
+MLP branch (VisionTransformer and Eva blocks):
 
 ``y = x + drop_path(gamma * fc2(gelu(fc1(LayerNorm(x)))))`` as one autograd Function that
 saves only ``x``, the LayerNorm statistics and the fc1 output ``h`` (D + 2 + 4D floats per
@@ -9,8 +11,12 @@ gradient comes from ``G = g^T gelu(h)``, which the fc2 weight gradient needs any
 (``sum_n g z = sum_j W2 * G + b2 * sum_n g``), so ``z`` is never stored. On the benchmark
 workload this cuts saved activations by about 30%.
 
+Attention branch (VisionTransformer blocks, CPU): :class:`_ResidualAttention`, same idea
+with the flash-attention CPU kernels' own backward.
+
 Used only for fp32/fp64 inputs with autocast off and grad enabled (the CPU path); under
-bf16 autocast (GPU) the blocks run timm's own modules.
+bf16 autocast (GPU) the blocks run timm's own modules. Gradients equal autograd's
+(tests/test_method_fused.py).
 """
 
 from __future__ import annotations
@@ -104,11 +110,104 @@ def residual_mlp(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     mlp, norm, dp = blk.mlp, blk.norm2, blk.drop_path2
     gamma = _gamma(getattr(blk, "ls2", getattr(blk, "gamma_2", None)))
-    scale = None
+    scale = _drop_path_scale(dp, x)
+    return _ResidualMlp.apply(x.contiguous(), norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias,
+                              mlp.fc2.weight, mlp.fc2.bias, gamma, scale, norm.eps)
+
+
+class _ResidualAttention(torch.autograd.Function):
+    """``y = x + drop_path(gamma * proj(SDPA(qkv(LayerNorm(x)))))`` (timm ``Attention``).
+
+    Saves ``x``, the LayerNorm statistics, the qkv projection, the attention output and its
+    logsumexp (D + 2 + 3D + D floats per token) instead of autograd's LN input and output,
+    qkv, attention output, its transposed copy and the proj output (D + D + 3D + D + D + D).
+    """
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, w_qkv, b_qkv, w_proj, b_proj, gamma, scale, num_heads, eps):
+        b, t, d = x.shape
+        x2 = x.reshape(-1, d)
+        xn, mean, rstd = torch.native_layer_norm(x2, (d,), ln_w, ln_b, eps)
+        qkv = F.linear(xn, w_qkv, b_qkv)  # [N, 3D]
+        q, k, v = qkv.view(b, t, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+        z = F.linear(out.transpose(1, 2).reshape(-1, d), w_proj, b_proj)
+        if gamma is not None:
+            z = z * gamma
+        z = z.view(b, t, d)
+        if scale is not None:
+            z = z * scale
+        ctx.save_for_backward(x, mean, rstd, qkv, out, lse, ln_w, ln_b, w_qkv, b_qkv, w_proj, b_proj, gamma, scale)
+        ctx.num_heads = num_heads
+        return x + z
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, mean, rstd, qkv, out, lse, ln_w, ln_b, w_qkv, b_qkv, w_proj, b_proj, gamma, scale = ctx.saved_tensors
+        b, t, d = x.shape
+        h = ctx.num_heads
+        gs = (gy * scale if scale is not None else gy).reshape(-1, d)
+        o = out.transpose(1, 2).reshape(-1, d)
+        big_g = gs.t().mm(o)  # [D, D]
+        g_gamma = None
+        if gamma is not None:
+            g_gamma = (big_g * w_proj).sum(1) + (b_proj * gs.sum(0) if b_proj is not None else 0.0)
+            g_wp, gz = big_g * gamma.unsqueeze(1), gs * gamma
+        else:
+            g_wp, gz = big_g, gs
+        g_bp = gz.sum(0) if b_proj is not None else None
+        del o, big_g
+        g_out = gz.mm(w_proj).view(b, t, h, d // h).transpose(1, 2)
+        q, k, v = qkv.view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g_out, q, k, v, out, lse, 0.0, False)
+        g_qkv = torch.stack([gq, gk, gv]).permute(1, 3, 0, 2, 4).reshape(-1, 3 * d)  # [N, 3D]
+        del gq, gk, gv, g_out
+        x2 = x.reshape(-1, d)
+        xn = (x2 - mean) * rstd
+        if ln_w is not None:
+            xn = xn * ln_w + ln_b
+        g_wqkv = g_qkv.t().mm(xn)
+        g_bqkv = g_qkv.sum(0) if b_qkv is not None else None
+        gxn = g_qkv.mm(w_qkv)
+        del g_qkv, xn
+        g_x, g_lnw, g_lnb = torch.ops.aten.native_layer_norm_backward(
+            gxn, x2, [d], mean, rstd, ln_w, ln_b, [True, ln_w is not None, ln_b is not None])
+        return (gy + g_x.view(b, t, d), g_lnw, g_lnb, g_wqkv, g_bqkv, g_wp, g_bp, g_gamma, None, None, None)
+
+
+def attn_branch_supported(blk: nn.Module) -> bool:
+    """Whether ``blk`` is a timm VisionTransformer Block whose attention branch is plain
+    LayerNorm -> Attention (fused SDPA, no qk-norm / gate / dropout) -> LayerScale -> DropPath."""
+    from timm.layers import Attention
+
+    attn, norm = getattr(blk, "attn", None), getattr(blk, "norm1", None)
+    if type(attn) is not Attention or not isinstance(norm, nn.LayerNorm):
+        return False
+    ls = getattr(blk, "ls1", None)
+    ls_ok = isinstance(ls, nn.Identity) or (isinstance(ls, LayerScale) and not ls.inplace)
+    return (ls_ok and getattr(attn, "gate", None) is None and attn.fused_attn
+            and all(isinstance(getattr(attn, n), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
+            and attn.attn_drop.p == 0 and (isinstance(attn.proj_drop, nn.Identity) or attn.proj_drop.p == 0)
+            and getattr(attn, "attn_dim", attn.qkv.in_features) == attn.qkv.in_features
+            and isinstance(blk.drop_path1, (nn.Identity, DropPath))
+            and norm.elementwise_affine == (norm.weight is not None))
+
+
+def _drop_path_scale(dp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     if isinstance(dp, DropPath) and dp.training and dp.drop_prob > 0:
         keep = 1.0 - dp.drop_prob
         scale = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)
-        if dp.scale_by_keep:
-            scale.div_(keep)
-    return _ResidualMlp.apply(x.contiguous(), norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias,
-                              mlp.fc2.weight, mlp.fc2.bias, gamma, scale, norm.eps)
+        return scale.div_(keep) if dp.scale_by_keep else scale
+    return None
+
+
+def residual_attention(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x + drop_path1(ls1(attn(norm1(x))))`` of a timm Block; CPU only (flash-attention CPU kernels).
+
+    ``x [B, T, D]``; requires :func:`attn_branch_supported`.
+    """
+    attn, norm = blk.attn, blk.norm1
+    return _ResidualAttention.apply(x.contiguous(), norm.weight, norm.bias, attn.qkv.weight, attn.qkv.bias,
+                                    attn.proj.weight, attn.proj.bias, _gamma(blk.ls1),
+                                    _drop_path_scale(blk.drop_path1, x), attn.num_heads, norm.eps)

@@ -50,7 +50,7 @@ class DINOv3Output:
 
 
 class DINOv3(nn.Module):
-    """DINOv3 self-distillation (see ``docs``: recipe sections 1, 2, 4, 5).
+    """DINOv3 self-distillation (recipe sections 1, 2, 4, 5: shared/design/recipe.md).
 
     ``student``/``teacher``: ``ModuleDict(backbone=MaskableViT, cls_head=DINOHead,
     patch_head=DINOHead)``; ``gram_teacher``: frozen backbone snapshot (only when
@@ -84,6 +84,9 @@ class DINOv3(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.student["backbone"].embed_dim
+
+    def _device(self) -> torch.device:
+        return self.student["backbone"].mask_token.device
 
     def train(self, mode: bool = True) -> "DINOv3":
         super().train(mode)
@@ -263,14 +266,14 @@ class DINOv3(nn.Module):
         """
         norms = []
         for name in STUDENT_MODULES:
-            grads = [p for p in self.student[name].parameters() if p.grad is not None]
-            if not grads:
-                norms.append(torch.zeros(()))
+            params = [p for p in self.student[name].parameters() if p.grad is not None]
+            if not params:
+                norms.append(torch.zeros((), device=self._device()))
             elif self.cfg.clip_grad > 0:
-                norms.append(torch.nn.utils.clip_grad_norm_(grads, self.cfg.clip_grad, foreach=True).float().cpu())
+                norms.append(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad, foreach=True).float())
             else:
-                norms.append(torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=True).float().cpu())
-        values = torch.stack(norms).tolist()
+                norms.append(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True).float())
+        values = torch.stack(norms).tolist()  # one device sync for all modules
         out = {f"grad_norm_{n}": v for n, v in zip(STUDENT_MODULES, values)}
         out["grad_norm"] = math.sqrt(sum(v * v for v in values))
         return out

@@ -15,6 +15,7 @@ def test_lean_backbone_matches_timm_blocks(backbone, drop_path):
     lean, plain = MaskableViT(vit, lean_mlp=True), MaskableViT(vit, lean_mlp=False)
     plain.mask_token = lean.mask_token
     assert all(lean.lean_blocks) and not any(plain.lean_blocks)
+    assert all(lean.lean_attn) == (backbone == "vit_tiny_patch16_224")
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     masks = torch.rand(3, 16) < 0.3
     grads = []
