@@ -8,9 +8,10 @@ Train stream design (``build_train_dataset``)
   ``start_epoch + g // n``, position ``g % n`` in that epoch's permutation (seeded by
   ``(seed, epoch)``: a full per-epoch shuffle for free, no per-epoch listing). The CPU
   actors map indices to rows, read the file bytes, decode and multi-crop.
-* parquet / cifar10: one ``ray.data.read_parquet`` per epoch over the shards in a
-  ``(seed, epoch)``-shuffled order (rows inside shards are already shuffled by
-  prepare_data), an ``epoch`` column added, the epochs ``union``-ed in order; the same
+* parquet / cifar10: one ordered read over (epoch, shard) units, the shards of each epoch
+  in a ``(seed, epoch)``-shuffled order (rows inside shards are already shuffled by
+  prepare_data), with an ``epoch`` column (:class:`ParquetUnitsDatasource`, pyarrow
+  reads in 0-CPU read tasks; see there why not ``read_parquet`` + ``union``); the same
   CPU actors decode and multi-crop.
 * Every row's crops come from a ``torch.Generator`` seeded by ``row_seed(seed, epoch, key)``:
   the same (seed, epoch) gives identical crops whatever the actor, batch or block layout.
@@ -36,6 +37,8 @@ import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from rayssl.data.sources import (DataSourceError, cifar10_parquet_dir, decode_image, held_out,
                                  list_imagefolder, list_parquet, read_bytes, resolve_spec, row_seed,
@@ -264,17 +267,6 @@ class MultiCropWorker:
         return {"global": out_g, "local": out_l, "epoch": np.asarray(epochs, dtype=np.int64)}
 
 
-def _add_epoch(batch, epoch: int, hash_split: bool, has_key: bool, keep_held_out: bool = False):
-    """Parquet rows -> rows with an epoch column (and the hash split applied)."""
-    import pyarrow as pa
-
-    if hash_split:
-        keys = batch.column("key").to_pylist() if has_key else [content_key(d) for d in batch.column("image").to_pylist()]
-        mask = np.fromiter((held_out(k) == keep_held_out for k in keys), dtype=bool, count=len(keys))
-        batch = batch.filter(pa.array(mask))
-    return batch.append_column("epoch", pa.array(np.full(batch.num_rows, epoch, dtype=np.int64)))
-
-
 class EvalWorker:
     """``map_batches`` callable: rows (image bytes | path, label) -> EvalTransform uint8 + label."""
 
@@ -358,26 +350,103 @@ def build_train_dataset(spec, seed: int, epochs: int, start_epoch: int = 0):
             raise DataSourceError(f"data.path={spec.path}: no training images")
         total = n_epochs * n
         n_blocks = max(1, min(math.ceil(total / (bs * 4)), 20000))
-        ds = ray.data.range(total, override_num_blocks=n_blocks)
+        ds = _index_range(total, n_blocks)
         actor_kwargs.update(n_rows=n, table_ref=ray.put(table))
     elif spec.name in ("parquet", "cifar10"):
         lst = _parquet_listing(spec)
-        cols = ["image"] + (["key"] if lst.has_key else [])
-        parts = []
-        for e in range(int(start_epoch), int(epochs)):
-            files = [lst.train_files[i] for i in _epoch_order(len(lst.train_files), int(seed), e)]
-            part = ray.data.read_parquet(files, columns=cols)
-            part = part.map_batches(functools.partial(_add_epoch, epoch=e, hash_split=lst.hash_split,
-                                                      has_key=lst.has_key),
-                                    batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-            parts.append(part)
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        units = [(e, lst.train_files[i]) for e in range(int(start_epoch), int(epochs))
+                 for i in _epoch_order(len(lst.train_files), int(seed), e)]
+        ds = _read_parquet_units(units, ["image"] + (["key"] if lst.has_key else []),
+                                 hash_split=lst.hash_split, keep_held_out=False)
     else:
         raise DataSourceError(f"data.name={spec.name!r}: unknown source")
 
     ds = ds.map_batches(MultiCropWorker, fn_constructor_kwargs=actor_kwargs, batch_size=bs,
                         batch_format="numpy", num_cpus=1, compute=compute)
     return _configure(ds, spec)
+
+
+# Logical CPUs of read tasks (index ranges, Parquet reads): 0, so that reading never waits
+# for a CPU held by the decode/augment actors (num_cpus=1 each), which do the real work.
+READ_CPUS = 0
+
+
+def _index_range(total: int, n_blocks: int):
+    """ray.data.range(total) whose read tasks request no CPU."""
+    import ray
+
+    try:
+        from ray.data._internal.datasource.range_datasource import RangeDatasource
+
+        src = RangeDatasource(n=int(total), block_format="arrow", column_name="id")
+        return ray.data.read_datasource(src, num_cpus=READ_CPUS, override_num_blocks=int(n_blocks))
+    except ImportError:  # internal module moved: plain range (reads then need a free CPU)
+        return ray.data.range(int(total), override_num_blocks=int(n_blocks))
+
+
+class ParquetUnitsDatasource(Datasource):
+    """Reads Parquet files in a given order, one read task per (epoch, file) unit.
+
+    Used instead of ``ray.data.read_parquet`` because (1) Ray 2.60's read_parquet plans a
+    ``ListFiles`` task that needs a whole free CPU, which never comes when Train workers and
+    the decode actors hold every CPU (the stream then hangs on small machines), and (2) one
+    ordered dataset over all epochs needs no ``union`` of per-epoch reads. Each unit yields
+    row-group sized blocks with an ``epoch`` column (when the unit has an epoch), the key
+    hash split applied when the source has no eval split, and ``label = -1`` when absent.
+    """
+
+    def __init__(self, units, columns, hash_split=False, keep_held_out=False, add_label=False):
+        super().__init__()
+        self.units, self.columns = list(units), list(columns)
+        self.hash_split, self.keep_held_out, self.add_label = hash_split, keep_held_out, add_label
+
+    def estimate_inmemory_data_size(self):
+        return None
+
+    def get_name(self) -> str:
+        return "ParquetUnits"
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+        tasks = []
+        for epoch, path in self.units:
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=(path,), exec_stats=None)
+            fn = functools.partial(_read_unit, path=path, epoch=epoch, columns=self.columns,
+                                   hash_split=self.hash_split, keep_held_out=self.keep_held_out,
+                                   add_label=self.add_label)
+            try:
+                tasks.append(ReadTask(fn, meta, per_task_row_limit=per_task_row_limit))
+            except TypeError:  # older ReadTask signature
+                tasks.append(ReadTask(fn, meta))
+        return tasks
+
+
+def _read_unit(path: str, epoch: Optional[int], columns: List[str], hash_split: bool, keep_held_out: bool,
+               add_label: bool):
+    import pyarrow as pa
+
+    from rayssl.data.sources import _open_parquet
+
+    pf = _open_parquet(path)
+    for rb in pf.iter_batches(batch_size=1024, columns=columns):
+        t = pa.Table.from_batches([rb])
+        if hash_split:
+            keys = (t.column("key").to_pylist() if "key" in t.column_names
+                    else [content_key(d) for d in t.column("image").to_pylist()])
+            t = t.filter(pa.array([held_out(k) == keep_held_out for k in keys]))
+        if add_label:
+            t = t.append_column("label", pa.array(np.full(t.num_rows, -1, dtype=np.int64)))
+        if epoch is not None:
+            t = t.append_column("epoch", pa.array(np.full(t.num_rows, epoch, dtype=np.int64)))
+        if t.num_rows:
+            yield t
+
+
+def _read_parquet_units(units, columns, hash_split=False, keep_held_out=False, add_label=False):
+    import ray
+
+    src = ParquetUnitsDatasource(units, columns, hash_split=hash_split, keep_held_out=keep_held_out,
+                                 add_label=add_label)
+    return ray.data.read_datasource(src, num_cpus=READ_CPUS)
 
 
 def _subset(n: int, size: Optional[int]) -> np.ndarray:
@@ -415,28 +484,15 @@ def build_eval_datasets(spec):
             if not files:
                 raise DataSourceError(f"data.path={lst.root}: no held-out split")
             cols = ["image"] + (["label"] if lst.has_label else []) + (["key"] if lst.has_key else [])
-            ds = ray.data.read_parquet(list(files), columns=cols)
-            if lst.hash_split:
-                ds = ds.map_batches(functools.partial(_filter_split, keep_held_out=split == "eval", has_key=lst.has_key),
-                                    batch_format="pyarrow", batch_size=None)
-            if not lst.has_label:
-                ds = ds.map_batches(_no_label, batch_format="pyarrow", batch_size=None)
+            ds = _read_parquet_units([(None, f) for f in files], cols, hash_split=lst.hash_split,
+                                     keep_held_out=split == "eval", add_label=not lst.has_label)
             if sizes[split] is not None:
                 ds = ds.limit(int(sizes[split]))
+        # 0 logical CPUs: k-NN evaluation runs while the train stream's actors hold their CPUs
+        # (and Train holds the rest); a CPU request here could wait forever on small machines.
         ds = ds.map_batches(EvalWorker, fn_constructor_kwargs=fn_kwargs, batch_size=256, batch_format="numpy",
-                            num_cpus=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(spec.num_actors))))
+                            num_cpus=0, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(spec.num_actors))))
         out.append(_configure(ds, spec))
     return out[0], out[1]
 
 
-def _filter_split(batch, keep_held_out: bool, has_key: bool):
-    import pyarrow as pa
-
-    keys = batch.column("key").to_pylist() if has_key else [content_key(d) for d in batch.column("image").to_pylist()]
-    return batch.filter(pa.array([held_out(k) == keep_held_out for k in keys]))
-
-
-def _no_label(batch):
-    import pyarrow as pa
-
-    return batch.append_column("label", pa.array(np.full(batch.num_rows, -1, dtype=np.int64)))

@@ -51,7 +51,7 @@ def decode_image(data: bytes) -> np.ndarray:
     """Encoded image bytes -> uint8 RGB array [H, W, 3]; raises on anything undecodable.
 
     Greyscale, palette, RGBA/LA (alpha dropped), CMYK, 16-bit and float images are converted
-    to 8-bit RGB. JPEGs go through torchvision's libjpeg decoder when available (faster).
+    to 8-bit RGB (16-bit scaled down, not clipped). Tiny images are returned as they are.
     """
     if not data:
         raise ValueError("empty image")

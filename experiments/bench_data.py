@@ -1,0 +1,177 @@
+"""Data-path benchmark: multi-crop throughput alone vs through Ray Data, and Parquet vs JPEG reads.
+
+    PYTHONPATH=.:platform python experiments/bench_data.py [--k 2] [--cases cifar,jpeg256,read]
+
+Cases (one JSON line each):
+  cifar    CIFAR-10 train as Parquet (prepared under --work from the shared ImageFolder when
+           missing), 32/16 px crops, 6 locals.
+  jpeg256  generated 256 px JPEGs (Parquet), 224/96 px crops, 8 locals.
+  read     reading CIFAR-10 train: Parquet shards vs the 50k JPEG files (read_binary_files).
+
+For cifar/jpeg256: (a) decode + multi-crop in this process on one core (the exact code the
+Ray actors run: rayssl.data.pipeline.MultiCropWorker), images/s; (b) build_train_dataset with
+k actors on a k-CPU Ray instance, consumed through iter_torch_batches, images/s after the
+first batch (steady state; startup reported separately); efficiency = b / (k * a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "platform")]
+
+from rayssl.data import DataSpec  # noqa: E402
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def cifar_dirs(work: Path):
+    src = Path(os.environ.get("DINOV3_CIFAR10_DIR", REPO.parent / "shared" / "data" / "cifar10"))
+    if not (src / "train").is_dir():
+        return None, None
+    out = work / "cifar10_parquet"
+    from rayssl.data.prepare import convert_imagefolder
+
+    convert_imagefolder(str(src), str(out), shard_size=5000, progress=False)
+    return src, out
+
+
+def jpeg256_dir(work: Path, n: int) -> Path:
+    from rayssl.data.prepare import encode_jpeg, write_shards
+    from rayssl.data.synthetic import render
+
+    out = work / f"jpeg256_{n}"
+    if (out / "train").is_dir():
+        return out
+    rows = []
+    for i in range(n):
+        arr = render(i % 10, 256, np.random.default_rng(i))
+        rows.append((encode_jpeg(arr, 90), i % 10, f"{i:06d}"))
+    write_shards(rows, str(out / "train"), shard_size=max(1, n // 8))
+    return out
+
+
+def bench_single(spec: DataSpec, path: Path, n: int) -> float:
+    """(a): decode + multi-crop of n rows in this process, one thread."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from rayssl.data.pipeline import MultiCropWorker
+
+    files = sorted((path / "train").glob("*.parquet"))
+    t = pq.read_table(files[0], columns=["image", "key"]).slice(0, n)
+    images = np.array(t.column("image").to_pylist(), dtype=object)
+    keys = np.array(t.column("key").to_pylist(), dtype=object)
+    worker = MultiCropWorker(spec.to_dict(), seed=0)
+    torch.set_num_threads(1)
+    bs = spec.map_batch_size
+    worker({"image": images[:bs], "key": keys[:bs], "epoch": np.zeros(bs, np.int64)})  # warm-up
+    t0 = time.perf_counter()
+    for s in range(0, len(images), bs):
+        sl = slice(s, s + bs)
+        worker({"image": images[sl], "key": keys[sl], "epoch": np.zeros(len(images[sl]), np.int64)})
+    return len(images) / (time.perf_counter() - t0)
+
+
+def bench_ray(spec: DataSpec, n: int, batch_size: int) -> dict:
+    """(b): through Ray Data + iter_torch_batches; steady-state images/s after the first batch."""
+    from rayssl.data import build_train_dataset
+
+    t0 = time.perf_counter()
+    ds = build_train_dataset(spec, seed=0, epochs=1)
+    rows, t_first = 0, None
+    for b in ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=4):
+        if t_first is None:
+            t_first = time.perf_counter()
+            first = len(b["epoch"])
+        rows += len(b["epoch"])
+        assert b["global"].dtype.is_floating_point is False
+        if rows >= n:
+            break
+    t_end = time.perf_counter()
+    return {"rows": rows, "startup_s": round(t_first - t0, 2),
+            "images_per_s": (rows - first) / (t_end - t_first), "total_images_per_s": rows / (t_end - t0)}
+
+
+def crop_case(name, spec, path, k, n_single, n_ray, batch_size):
+    a = bench_single(spec, path, n_single)
+    b = bench_ray(spec, n_ray, batch_size)
+    emit(case=name, k=k, global_size=spec.global_size, local_size=spec.local_size, n_local=spec.n_local,
+         single_images_per_s_per_core=round(a, 1), ray_images_per_s=round(b["images_per_s"], 1),
+         ray_total_images_per_s=round(b["total_images_per_s"], 1), ray_startup_s=b["startup_s"],
+         rows=b["rows"], efficiency=round(b["images_per_s"] / (k * a), 3))
+
+
+def read_case(src: Path, pq_dir: Path, k: int):
+    import ray
+
+    out = {"case": "read", "k": k}
+    t0 = time.perf_counter()
+    n = 0
+    for b in ray.data.read_parquet(str(pq_dir / "train"), columns=["image", "label"]).iter_batches(
+            batch_size=4096, batch_format="pyarrow"):
+        n += b.num_rows
+    dt = time.perf_counter() - t0
+    out.update(parquet_rows=n, parquet_s=round(dt, 2), parquet_images_per_s=round(n / dt, 1))
+    t0 = time.perf_counter()
+    n = 0
+    for b in ray.data.read_binary_files(str(src / "train"), include_paths=True).iter_batches(
+            batch_size=4096, batch_format="pyarrow"):
+        n += b.num_rows
+    dt = time.perf_counter() - t0
+    out.update(jpeg_files_rows=n, jpeg_files_s=round(dt, 2), jpeg_files_images_per_s=round(n / dt, 1))
+    out["speedup"] = round(out["parquet_images_per_s"] / out["jpeg_files_images_per_s"], 2)
+    emit(**out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=2, help="CPUs for Ray (= multi-crop actors)")
+    ap.add_argument("--cases", default="cifar,jpeg256,read")
+    ap.add_argument("--work", default="/tmp/dinov3-bench", help="where prepared data is cached")
+    ap.add_argument("--n-cifar", type=int, default=6000)
+    ap.add_argument("--n-jpeg", type=int, default=256)
+    args = ap.parse_args()
+    cases = args.cases.split(",")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    import ray
+
+    src, pq_dir = cifar_dirs(work) if ("cifar" in cases or "read" in cases) else (None, None)
+    jdir = jpeg256_dir(work, args.n_jpeg) if "jpeg256" in cases else None
+    ray.init(num_cpus=args.k, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        if "cifar" in cases:
+            if pq_dir is None:
+                emit(case="cifar", skipped="shared CIFAR-10 not found (set DINOV3_CIFAR10_DIR)")
+            else:
+                spec = DataSpec(name="parquet", path=str(pq_dir), global_size=32, local_size=16, n_local=6,
+                                num_actors=args.k, map_batch_size=128)
+                crop_case("cifar10_parquet_32_16", spec, pq_dir, args.k, 2048, args.n_cifar, 128)
+        if "jpeg256" in cases:
+            spec = DataSpec(name="parquet", path=str(jdir), global_size=224, local_size=96, n_local=8,
+                            num_actors=args.k, map_batch_size=16)
+            crop_case("jpeg256_224_96", spec, jdir, args.k, 32, args.n_jpeg, 16)
+        if "read" in cases:
+            if pq_dir is None:
+                emit(case="read", skipped="shared CIFAR-10 not found (set DINOV3_CIFAR10_DIR)")
+            else:
+                read_case(src, pq_dir, args.k)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
