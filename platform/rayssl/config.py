@@ -149,13 +149,16 @@ class ExperimentConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     # ---- derived values, computed in one place ----
+    # Unset values fall back to the env vars a cluster driver sends every worker
+    # (rayssl/cluster.py), so all nodes resolve the same store, not their own copy's.
     @property
     def tracking_uri(self) -> str:
-        return resolve_tracking_uri(self.tracking.uri)
+        return resolve_tracking_uri(self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
 
     @property
     def storage_path(self) -> str:
-        return os.path.abspath(os.path.expanduser(self.train.storage_path or str(REPO_ROOT / "ray_results")))
+        path = self.train.storage_path or os.environ.get("RAYSSL_STORAGE_PATH") or str(REPO_ROOT / "ray_results")
+        return path if "://" in path else os.path.abspath(os.path.expanduser(path))  # s3://, gs:// as given
 
     def method_kwargs(self) -> Dict[str, Any]:
         """Plain keyword arguments for the method's builder (model + method groups)."""

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from rayssl.config import ExperimentConfig, from_dict
 from rayssl.method import build_method, knn_classify, loss_terms
-from rayssl.tracking import MetricLogger
+from rayssl.tracking import MetricLogger, set_tags
 
 log = logging.getLogger("rayssl.train")
 
@@ -88,6 +88,9 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext)
 
     logger = MetricLogger(tracking_uri, run_id) if rank == 0 else None
+    node_ids = gather_objects(ray.get_runtime_context().get_node_id(), world)  # where the ranks run
+    if rank == 0:
+        set_tags(tracking_uri, run_id, {"rayssl.worker_node_ids": ",".join(sorted(set(node_ids)))})
     batches = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=cfg.train.batch_size, prefetch_batches=cfg.train.prefetch_batches,
         drop_last=True, device=device)

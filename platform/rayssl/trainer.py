@@ -29,8 +29,16 @@ def init_ray(cfg: ExperimentConfig) -> None:
             # Local: workers import dinov3/rayssl from this checkout without a working_dir upload.
             env_vars["PYTHONPATH"] = os.pathsep.join(
                 [str(REPO_ROOT), str(REPO_ROOT / "platform"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        else:  # joining a cluster whose nodes may lack the project: ship it (rayssl/cluster.py)
+            from rayssl.cluster import cluster_runtime_env
+
+            runtime_env = cluster_runtime_env(cfg, runtime_env)
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env,
                  log_to_driver=True, configure_logging=True, logging_level=logging.INFO)
+        if cfg.ray.address is not None or os.environ.get("RAY_ADDRESS"):
+            from rayssl.cluster import check_shared_storage
+
+            check_shared_storage(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
