@@ -114,8 +114,7 @@ def run_sweep(cfg: ExperimentConfig) -> Dict[str, Any]:
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(
             metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
-            search_alg=search_algorithm(cfg), scheduler=scheduler(cfg),
-            max_concurrent_trials=concurrent),
+            search_alg=search_algorithm(cfg, concurrent), scheduler=scheduler(cfg)),
         run_config=tune.RunConfig(name=sweep_name, storage_path=cfg.storage_path),
     )
     try:
@@ -128,14 +127,16 @@ def run_sweep(cfg: ExperimentConfig) -> Dict[str, Any]:
     return summary
 
 
-def search_algorithm(cfg: ExperimentConfig):
+def search_algorithm(cfg: ExperimentConfig, max_concurrent: int):
     if cfg.sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=cfg.sweep.seed)
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.sweep.seed), max_concurrent=max_concurrent)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=cfg.sweep.seed)
+    # Trials hold no CPU, so Tune's own resource accounting cannot limit them: this does.
+    return BasicVariantGenerator(random_state=cfg.sweep.seed, max_concurrent=max_concurrent)
 
 
 def scheduler(cfg: ExperimentConfig):

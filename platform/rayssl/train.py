@@ -96,10 +96,14 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         drop_last=True, device=device)
     batch_iter = iter(batches)
 
-    step = start_step
+    step, to_skip = start_step, start_step
     window, epoch_sums = defaultdict(float), defaultdict(float)
     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
     last_knn: Dict[str, float] = {}
+    if rank == 0 and start_step == 0:
+        # The same k-NN on the untrained teacher: the baseline every trial should beat.
+        init_knn = evaluate_knn(method, cfg, device)
+        logger.log({f"{k}_init": v for k, v in init_knn.items()}, 0)
     if rank == 0:
         log.info("training %d steps (%d epochs x %d steps, global batch %d on %d workers, %s)",
                  total_steps, cfg.train.epochs, steps_per_epoch, global_batch, world, device)
@@ -109,14 +113,15 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         window_wait += time.perf_counter() - t0
         if batch is None:
             raise RuntimeError(f"the data stream ended at step {step} of {total_steps}")
-        if int(batch["epoch"][-1]) < step // steps_per_epoch:
-            continue  # resuming: fast-forward through epochs already trained
+        if to_skip > 0:  # resuming: the stream restarts at epoch 0, so fast-forward exactly
+            to_skip -= 1
+            continue
 
         hparams = method.apply_schedules(optimizer, step)
         with autocast():
             out = model(batch["global"], batch["local"] if batch["local"].shape[1] > 0 else None)
         terms = loss_terms(out)
-        check_finite(terms, step)
+        values = check_finite(terms, step)  # one host sync per step: also the NaN guard
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         grad_norms = method.clip_gradients()
@@ -124,10 +129,10 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         method.update_teacher(hparams["momentum"])
         step += 1
 
-        for k, v in terms.items():
-            window[k] += float(v)
+        for k, v in zip(terms, values.tolist()):
+            window[k] += v
             if k in EPOCH_METRICS:
-                epoch_sums[k] += float(v)
+                epoch_sums[k] += v
         for k, v in {**hparams, **grad_norms}.items():
             window[k] += float(v)
         window_steps += 1
@@ -200,8 +205,11 @@ def evaluate_knn(method: torch.nn.Module, cfg: ExperimentConfig, device: torch.d
     return out
 
 
-def check_finite(terms: Dict[str, torch.Tensor], step: int) -> None:
-    """Stop on a NaN/inf loss term, on every rank at once (one rank alone would hang DDP)."""
+def check_finite(terms: Dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    """Stop on a NaN/inf loss term, on every rank at once (one rank alone would hang DDP).
+
+    Returns the terms' values as a CPU float tensor, in ``terms`` order.
+    """
     values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).cpu()
     bad = ~torch.isfinite(values)
     if dist.is_available() and dist.is_initialized():
@@ -211,6 +219,7 @@ def check_finite(terms: Dict[str, torch.Tensor], step: int) -> None:
         names = [k for k, b in zip(terms, bad.tolist()) if b]
         raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(names)} "
                                  f"(values {[float(terms[k]) for k in names]})")
+    return values
 
 
 def all_reduce_mean(values: Dict[str, float], device: torch.device) -> Dict[str, float]:

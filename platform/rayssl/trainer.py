@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any, Dict, List, Optional
@@ -47,8 +46,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
 def data_spec(cfg: ExperimentConfig):
     from rayssl.data import DataSpec
 
-    names = {f.name for f in dataclasses.fields(DataSpec)}
-    return DataSpec(**{k: v for k, v in dataclasses.asdict(cfg.data).items() if k in names})
+    return DataSpec.from_any(cfg.data)
 
 
 def trial_resources(cfg: ExperimentConfig) -> Dict[str, float]:
@@ -64,15 +62,15 @@ def trial_resources(cfg: ExperimentConfig) -> Dict[str, float]:
 def build_trainer(cfg: ExperimentConfig, *, name: str, mlflow_run_id: str, n_train: int,
                   callbacks: Optional[List[Any]] = None) -> TorchTrainer:
     """A TorchTrainer whose workers stream multi-crop batches and log into ``mlflow_run_id``."""
-    from ray.data import ExecutionOptions, ExecutionResources
-    from rayssl.data import build_eval_datasets, build_train_dataset
+    from ray.data import DataContext
+    from rayssl.data import build_eval_datasets, build_train_dataset, ray_data_limits
 
+    DataContext.get_current().enable_progress_bars = False  # this may be a Tune trial process
     spec = data_spec(cfg)
     train_ds = build_train_dataset(spec, seed=cfg.train.seed, epochs=cfg.train.epochs)
-    bank_ds, query_ds = build_eval_datasets(spec)
-    options = ExecutionOptions()
-    if cfg.data.max_cpus is not None:
-        options.resource_limits = ExecutionResources(cpu=cfg.data.max_cpus)
+    # Decoded once here, then read from the object store at every evaluation (bounded
+    # by data.knn_bank_size / knn_query_size), instead of re-decoding each epoch.
+    bank_ds, query_ds = (ds.materialize() for ds in build_eval_datasets(spec))
     t = cfg.train
     return TorchTrainer(
         train_loop_per_worker,
@@ -90,7 +88,7 @@ def build_trainer(cfg: ExperimentConfig, *, name: str, mlflow_run_id: str, n_tra
         ),
         datasets={"train": train_ds, "knn_bank": bank_ds, "knn_query": query_ds},
         # The k-NN bank and queries must be whole on the rank that evaluates.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=options),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ray_data_limits(spec)),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=cfg.storage_path,
