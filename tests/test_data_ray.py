@@ -90,3 +90,19 @@ def test_ray_data_limits():
     opts = ray_data_limits(DataSpec(max_cpus=1))
     assert opts.preserve_order and opts.resource_limits.cpu == 1
     assert ray_data_limits(DataSpec()).preserve_order
+
+
+def test_parquet_flat_dir_hash_split_stream(tmp_path):
+    import os
+
+    src = make_clean_imagefolder(tmp_path / "src", n_per_class=20)
+    convert_imagefolder(str(src), str(tmp_path / "pq"), shard_size=100, progress=False)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    os.replace(tmp_path / "pq" / "train" / "part-00000.parquet", flat / "part-00000.parquet")
+    spec = DataSpec(name="parquet", path=str(flat), map_batch_size=16, n_local=1)
+    info = validate_source(spec)
+    a = _collect(build_train_dataset(spec, seed=0, epochs=1))
+    assert len(a["epoch"]) == info.n_train
+    bank, query = build_eval_datasets(spec)
+    assert bank.count() == info.n_train and query.count() == info.n_eval
