@@ -176,7 +176,7 @@ class MultiCropWorker:
     """
 
     def __init__(self, spec: Dict[str, Any], seed: int, start_epoch: int = 0, n_rows: int = 0,
-                 table_ref=None, counter_name: Optional[str] = None, hash_split: bool = False):
+                 table_ref=None, counter_name: Optional[str] = None):
         import torch
 
         from dinov3.augment import MultiCropAugmentation
@@ -188,7 +188,6 @@ class MultiCropWorker:
         self.aug = MultiCropAugmentation(global_size=s.global_size, local_size=s.local_size,
                                          n_local=s.n_local, blur=s.blur)
         self.reporter = _Reporter(counter_name or skip_counter_name(s))
-        self.hash_split = hash_split
         self.keys = self.labels = self.images = self.paths = None
         if table_ref is not None:
             import ray
@@ -341,7 +340,12 @@ def build_train_dataset(spec, seed: int, epochs: int, start_epoch: int = 0):
     n_epochs = int(epochs) - int(start_epoch)
     bs = int(spec.map_batch_size)
     actor_kwargs = dict(spec=spec.to_dict(), seed=int(seed), start_epoch=int(start_epoch), counter_name=counter)
-    compute = ray.data.ActorPoolStrategy(min_size=int(spec.num_actors), max_size=int(spec.num_actors))
+    n_actors = int(spec.num_actors)
+    if spec.max_cpus is not None and n_actors > max(1, int(spec.max_cpus)):
+        log.warning("data.num_actors=%d exceeds data.max_cpus=%s: using %d actors", n_actors, spec.max_cpus,
+                    max(1, int(spec.max_cpus)))
+        n_actors = max(1, int(spec.max_cpus))
+    compute = ray.data.ActorPoolStrategy(min_size=n_actors, max_size=n_actors)
 
     if spec.name in ("synthetic", "imagefolder"):
         table = _indexed_table(spec, "train")
