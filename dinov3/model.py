@@ -305,6 +305,32 @@ class DINOv3(nn.Module):
         tokens = self._teacher_tokens(images)
         return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens:].mean(dim=1)], dim=-1)
 
+    def export_encoder(self) -> nn.Module:
+        """A standalone image encoder: normalisation + a deep copy of the teacher backbone.
+
+        ``forward(images [B, 3, H, W] uint8 or normalised float) -> [B, D]`` teacher CLS
+        after the final norm, the same as :meth:`embed`; ``.backbone`` is the copied
+        ``MaskableViT`` (its ``state_dict`` is the teacher backbone's). Eval mode, no grad,
+        on the method's device. The class is local to this method, so serialise the module
+        with cloudpickle (what ``mlflow.pytorch`` uses) or save ``backbone.state_dict()``.
+        """
+        import copy
+
+        class TeacherEncoder(nn.Module):
+            def __init__(self, backbone: nn.Module):
+                super().__init__()
+                self.backbone = backbone
+
+            @torch.no_grad()
+            def forward(self, images: torch.Tensor) -> torch.Tensor:
+                x = normalize(images) if images.dtype == torch.uint8 else images
+                return self.backbone(x)[:, 0]
+
+        encoder = TeacherEncoder(copy.deepcopy(self.teacher["backbone"]))
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        return encoder.eval()
+
 
 def build_method(cfg: Union[DINOv3Config, Mapping[str, Any]]) -> DINOv3:
     """Build :class:`DINOv3` from a config or plain keyword dict (unknown keys raise ValueError)."""

@@ -109,6 +109,8 @@ class TrainConfig:
     storage_path: Optional[str] = None
     run_name: Optional[str] = None
     resume_from: Optional[str] = None
+    system_metrics: bool = True
+    fault_injection_step: int = 0
 
 
 @dataclass

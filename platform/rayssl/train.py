@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import signal
 import tempfile
 import time
 from collections import defaultdict
@@ -33,6 +34,9 @@ log = logging.getLogger("rayssl.train")
 
 CHECKPOINT_FILE = "state.pt"
 EPOCH_METRICS = ("loss", "loss_cls", "loss_patch", "loss_koleo")
+COLLAPSE_FRACTION = 0.95  # teacher target entropy above this fraction of ln K: near-uniform collapse
+PCA_IMAGES = 4  # held-out images in the PCA picture at each k-NN evaluation
+SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,16 +71,14 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
     # Resume: Ray Train's latest checkpoint (after a failure or re-run), else train.resume_from.
     start_step = 0
+    last_knn: Dict[str, float] = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and loop_config.get("resume_from"):
         checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
-        restore_rng(state["rng"][min(rank, len(state["rng"]) - 1)])
+        start_step, last_knn = load_state(state, method, optimizer, rank)
         log.info("rank %d resumed at step %d/%d from %s", rank, start_step, total_steps, checkpoint.path)
 
     model = method
@@ -87,114 +89,269 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext)
 
-    logger = MetricLogger(tracking_uri, run_id) if rank == 0 else None
+    logger = ResumableLogger(tracking_uri, run_id, resumed=start_step > 0) if rank == 0 else None
     node_ids = gather_objects(ray.get_runtime_context().get_node_id(), world)  # where the ranks run
     if rank == 0:
-        set_tags(tracking_uri, run_id, {"rayssl.worker_node_ids": ",".join(sorted(set(node_ids)))})
+        tags = {"rayssl.worker_node_ids": ",".join(sorted(set(node_ids)))}
+        if start_step > 0:
+            tags["rayssl.resumed_at_step"] = start_step
+        set_tags(tracking_uri, run_id, tags)
+    monitor = start_system_metrics(tracking_uri, run_id, resume=start_step > 0) \
+        if rank == 0 and cfg.train.system_metrics else None
+    fault = FaultInjector(cfg, loop_config, rank, world)
     batches = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=cfg.train.batch_size, prefetch_batches=cfg.train.prefetch_batches,
         drop_last=True, device=device)
     batch_iter = iter(batches)
+    collapse_entropy = COLLAPSE_FRACTION * math.log(cfg.model.n_cls_prototypes)
+    ckpt_every = cfg.train.checkpoint_every
 
     step, to_skip = start_step, start_step
     window, epoch_sums = defaultdict(float), defaultdict(float)
     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-    last_knn: Dict[str, float] = {}
+    last_window: Dict[str, float] = {}
     if rank == 0 and start_step == 0:
         # The same k-NN on the untrained teacher: the baseline every trial should beat.
-        init_knn = evaluate_knn(method, cfg, device)
-        logger.log({f"{k}_init": v for k, v in init_knn.items()}, 0)
+        last_knn = evaluate_knn(method, cfg, device, tracking_uri, run_id, step=0)
+        logger.log({f"{k}_init": v for k, v in last_knn.items()}, 0)
     if rank == 0:
         log.info("training %d steps (%d epochs x %d steps, global batch %d on %d workers, %s)",
                  total_steps, cfg.train.epochs, steps_per_epoch, global_batch, world, device)
-    while step < total_steps:
-        t0 = time.perf_counter()
-        batch = next(batch_iter, None)
-        window_wait += time.perf_counter() - t0
-        if batch is None:
-            raise RuntimeError(f"the data stream ended at step {step} of {total_steps}")
-        if to_skip > 0:  # resuming: the stream restarts at epoch 0, so fast-forward exactly
-            to_skip -= 1
-            continue
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            batch = next(batch_iter, None)
+            window_wait += time.perf_counter() - t0
+            if batch is None:
+                raise RuntimeError(f"the data stream ended at step {step} of {total_steps}")
+            if to_skip > 0:  # resuming: the stream restarts at epoch 0, so fast-forward exactly
+                to_skip -= 1
+                continue
+            fault.maybe_kill(step)
 
-        hparams = method.apply_schedules(optimizer, step)
-        with autocast():
-            out = model(batch["global"], batch["local"] if batch["local"].shape[1] > 0 else None)
-        terms = loss_terms(out)
-        values = check_finite(terms, step)  # one host sync per step: also the NaN guard
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norms = method.clip_gradients()
-        optimizer.step()
-        method.update_teacher(hparams["momentum"])
-        step += 1
+            hparams = method.apply_schedules(optimizer, step)
+            with autocast():
+                out = model(batch["global"], batch["local"] if batch["local"].shape[1] > 0 else None)
+            terms = loss_terms(out)
+            values = check_finite(terms, step)  # one host sync per step: also the NaN guard
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            grad_norms = method.clip_gradients()
+            optimizer.step()
+            method.update_teacher(hparams["momentum"])
+            step += 1
 
-        for k, v in zip(terms, values.tolist()):
-            window[k] += v
-            if k in EPOCH_METRICS:
-                epoch_sums[k] += v
-        for k, v in {**hparams, **grad_norms}.items():
-            window[k] += float(v)
-        window_steps += 1
+            for k, v in zip(terms, values.tolist()):
+                window[k] += v
+                if k in EPOCH_METRICS:
+                    epoch_sums[k] += v
+            for k, v in {**hparams, **grad_norms}.items():
+                window[k] += float(v)
+            window_steps += 1
 
-        if step % cfg.train.log_every == 0 or step % steps_per_epoch == 0:
-            wall = time.perf_counter() - window_start
-            telemetry = {f"train/{k}": v / window_steps for k, v in window.items()}
-            telemetry["train/images_per_s"] = window_steps * global_batch / wall
-            telemetry["train/data_wait_frac"] = window_wait / wall
-            if device.type == "cuda":
-                telemetry["train/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if logger:
-                logger.log(telemetry, step)
-            window.clear()
-            window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            epoch_end = step % steps_per_epoch == 0
+            if step % cfg.train.log_every == 0 or epoch_end:
+                wall = time.perf_counter() - window_start
+                telemetry = {f"train/{k}": v / window_steps for k, v in window.items()}
+                telemetry["train/images_per_s"] = window_steps * global_batch / wall
+                telemetry["train/data_wait_frac"] = window_wait / wall
+                if device.type == "cuda":
+                    telemetry["train/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                entropy = telemetry.get("train/teacher_entropy")
+                if entropy is not None:
+                    collapsed = entropy > collapse_entropy
+                    telemetry["collapse_warning"] = float(collapsed)
+                    if collapsed and rank == 0:
+                        log.warning("step %d: teacher target entropy %.4f > %.2f ln(K=%d) = %.4f: the teacher "
+                                    "is near uniform collapse", step, entropy, COLLAPSE_FRACTION,
+                                    cfg.model.n_cls_prototypes, collapse_entropy)
+                if logger:
+                    logger.log(telemetry, step)
+                last_window = telemetry
+                window.clear()
+                window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
 
-        if step % steps_per_epoch == 0:
-            epoch = step // steps_per_epoch
-            metrics = {k: v / steps_per_epoch for k, v in all_reduce_mean(epoch_sums, device).items()}
-            epoch_sums.clear()
-            metrics.update(epoch=epoch, step=step, images_per_s=telemetry["train/images_per_s"],
-                           data_wait_frac=telemetry["train/data_wait_frac"])
-            if epoch % cfg.train.knn_every == 0 or epoch == cfg.train.epochs:
-                if rank == 0:
-                    last_knn = evaluate_knn(method, cfg, device)
-                    log.info("epoch %d/%d step %d: loss %.4f, k-NN top-1 %.2f%%", epoch, cfg.train.epochs,
-                             step, metrics["loss"], last_knn["knn_top1"])
-            metrics.update(last_knn)
-            if logger:
-                logger.log(metrics, step)
-            report(metrics, method, optimizer, step, run_id, rank, world)
+            due = ckpt_every > 0 and step % ckpt_every == 0
+            if epoch_end:
+                epoch = step // steps_per_epoch
+                metrics = {k: v / steps_per_epoch for k, v in all_reduce_mean(epoch_sums, device).items()}
+                epoch_sums.clear()
+                metrics.update(epoch=epoch, step=step, images_per_s=last_window["train/images_per_s"],
+                               data_wait_frac=last_window["train/data_wait_frac"])
+                if epoch % cfg.train.knn_every == 0 or epoch == cfg.train.epochs:
+                    if rank == 0:
+                        last_knn = evaluate_knn(method, cfg, device, tracking_uri, run_id, step=step)
+                        log.info("epoch %d/%d step %d: loss %.4f, k-NN top-1 %.2f%%", epoch, cfg.train.epochs,
+                                 step, metrics["loss"], last_knn["knn_top1"])
+                metrics.update(last_knn)
+                if logger:
+                    logger.log(metrics, step)
+                with_ckpt = ckpt_every == 0 or due or step == total_steps
+                report(metrics, method, optimizer, step, run_id, rank, world, last_knn, with_ckpt, cfg)
+            elif due:
+                # Mid-epoch checkpoint. Every report reaches Tune: it carries the last k-NN
+                # value (the sweep metric) and the completed epochs (ASHA's time_attr).
+                metrics = {"epoch": step // steps_per_epoch, "step": step, **last_knn}
+                if "train/loss" in last_window:
+                    metrics["loss"] = last_window["train/loss"]
+                report(metrics, method, optimizer, step, run_id, rank, world, last_knn, True, cfg)
+    finally:
+        if monitor is not None:
+            stop_system_metrics(monitor)
+
+    if rank == 0:  # off the hot path: once, after the last report
+        from rayssl.export import log_encoder
+
+        try:
+            log_encoder(method, tracking_uri, run_id, image_size=cfg.data.eval_size)
+        except Exception as err:  # noqa: BLE001  the run itself succeeded
+            log.warning("could not export the final teacher encoder: %s", err)
+
+
+def load_state(state: Dict[str, Any], method: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               rank: int):
+    """Restore one checkpoint's state in place; returns (step, last k-NN metrics)."""
+    method.load_state_dict(state["method"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state["rng"][min(rank, len(state["rng"]) - 1)])
+    generators = state.get("generators") or []
+    for name, gen_state in (generators[min(rank, len(generators) - 1)] if generators else {}).items():
+        gen = torch.Generator()
+        gen.set_state(gen_state)
+        setattr(method, name, gen)
+    return int(state["step"]), dict(state.get("last_knn") or {})
+
+
+def method_generators(method: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """States of the CPU ``torch.Generator`` attributes of the method (e.g. DINOv3's mask sampler)."""
+    return {k: v.get_state() for k, v in vars(method).items()
+            if isinstance(v, torch.Generator) and v.device.type == "cpu"}
 
 
 def report(metrics: Dict[str, float], method: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           step: int, run_id: str, rank: int, world: int) -> None:
+           step: int, run_id: str, rank: int, world: int, last_knn: Optional[Dict[str, float]] = None,
+           with_checkpoint: bool = True, cfg: Optional[ExperimentConfig] = None) -> None:
     """Checkpoint (rank 0 writes; every rank's RNG state travels with it) and report.
 
-    ``ray.train.report`` is a barrier: every rank calls it at the same steps.
+    ``ray.train.report`` is a barrier: every rank calls it at the same steps. The
+    checkpoint holds student + teacher (the method's state dict), the optimiser, the
+    step (the schedule position: schedules are functions of the step), each rank's
+    Python/NumPy/torch RNG and mask-sampler states, the data epoch, the last k-NN
+    metrics, the MLflow run id and the config.
     """
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
     rng = gather_objects(rng_state(), world)
+    gens = gather_objects(method_generators(method), world)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "epoch": metrics.get("epoch"), "rng": rng, "mlflow_run_id": run_id},
+                        "epoch": metrics.get("epoch"), "rng": rng, "generators": gens,
+                        "last_knn": dict(last_knn or {}), "mlflow_run_id": run_id,
+                        "config": cfg.to_dict() if cfg is not None else None},
                        os.path.join(tmp, CHECKPOINT_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+class ResumableLogger(MetricLogger):
+    """MetricLogger that, in a resumed run, drops points at steps the run already holds.
+
+    A restarted worker group replays the steps between the last checkpoint and the
+    failure; their metrics were logged by the previous attempt, so only steps past the
+    last logged step of each key are sent (no duplicated step indices).
+    """
+
+    def __init__(self, uri: str, run_id: str, resumed: bool):
+        super().__init__(uri, run_id)
+        self.floor: Dict[str, int] = {}
+        if resumed:
+            run = self.client.get_run(run_id)
+            for key in run.data.metrics:
+                if key.startswith("system/"):
+                    continue
+                steps = [m.step for m in self.client.get_metric_history(run_id, key)]
+                if steps:
+                    self.floor[key] = max(steps)
+
+    def log(self, metrics: Dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self.floor.get(k, -1)}
+        if fresh:
+            super().log(fresh, step)
+
+
+class FaultInjector:
+    """Test hook (``train.fault_injection_step``, 0 = off): the last rank SIGKILLs itself
+    once, just before computing that step, on the first attempt only (a marker file under
+    the run's storage directory records that it happened)."""
+
+    def __init__(self, cfg: ExperimentConfig, loop_config: Dict[str, Any], rank: int, world: int):
+        self.step = int(cfg.train.fault_injection_step)
+        self.active = self.step > 0 and rank == world - 1
+        self.marker = os.path.join(loop_config.get("storage_path") or cfg.storage_path,
+                                   loop_config.get("run_name") or "run", f".fault_injected_step{self.step}")
+
+    def maybe_kill(self, step: int) -> None:
+        if not self.active or step != self.step or os.path.exists(self.marker):
+            return
+        os.makedirs(os.path.dirname(self.marker), exist_ok=True)
+        with open(self.marker, "w") as f:
+            f.write(str(step))
+        log.warning("fault injection: SIGKILL of this worker (pid %d) at step %d", os.getpid(), step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def start_system_metrics(uri: str, run_id: str, resume: bool):
+    """MLflow's system-metrics sampler (CPU, memory, disk, network; GPU with nvidia-ml-py)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                       samples_before_logging=1, resume_logging=resume, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as err:  # noqa: BLE001  telemetry must never stop training
+        log.warning("system metrics disabled: %s", err)
+        return None
+
+
+def stop_system_metrics(monitor) -> None:
+    try:
+        monitor.finish()
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not stop system metrics: %s", err)
+
+
 @torch.no_grad()
-def evaluate_knn(method: torch.nn.Module, cfg: ExperimentConfig, device: torch.device) -> Dict[str, float]:
-    """Weighted k-NN top-1 (%) of teacher CLS features: labelled train bank vs held-out queries."""
+def evaluate_knn(method: torch.nn.Module, cfg: ExperimentConfig, device: torch.device,
+                 tracking_uri: Optional[str] = None, run_id: Optional[str] = None,
+                 step: int = 0) -> Dict[str, float]:
+    """Weighted k-NN top-1 (%) of teacher CLS features: labelled train bank vs held-out queries.
+
+    With a run id, also logs the PCA picture of the first query images' patch features
+    (``pca/step_XXXXXX.png``).
+    """
     was_training = method.training
     method.eval()
     feats = {}
+    first_queries = None
     for name in ("knn_bank", "knn_query"):
         xs, ys = [], []
         for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=256, device=device):
+            if name == "knn_query" and first_queries is None:
+                first_queries = batch["image"][:PCA_IMAGES]
             xs.append(method.embed(batch["image"]).float())
             ys.append(batch["label"])
         feats[name] = (torch.cat(xs), torch.cat(ys))
+    if run_id is not None and first_queries is not None and hasattr(method, "patch_features"):
+        from rayssl.pictures import log_pca_picture
+
+        try:
+            log_pca_picture(method, first_queries, tracking_uri, run_id, step)
+        except Exception as err:  # noqa: BLE001  a picture must never stop training
+            log.warning("could not log the PCA picture at step %d: %s", step, err)
     method.train(was_training)
     (bank_x, bank_y), (query_x, query_y) = feats["knn_bank"], feats["knn_query"]
     n_classes = int(max(bank_y.max(), query_y.max())) + 1

@@ -80,6 +80,8 @@ def build_trainer(cfg: ExperimentConfig, *, name: str, mlflow_run_id: str, n_tra
             "mlflow_run_id": mlflow_run_id,
             "n_train": n_train,
             "resume_from": t.resume_from,
+            "run_name": name,
+            "storage_path": cfg.storage_path,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers,
@@ -112,6 +114,7 @@ def run_training(cfg: ExperimentConfig) -> Dict[str, Any]:
         run_id = tracking.create_run(uri, exp_id, name, tags={tracking.ROLE_TAG: "train", "rayssl.run_name": name})
     else:
         log.info("continuing MLflow run %s (%s)", run_id, name)
+        tracking.client(uri).update_run(run_id, status="RUNNING")
     tracking.log_params(uri, run_id, flat_params(cfg))
     tracking.log_dict_artifact(uri, run_id, cfg.to_dict(), "config/resolved.yaml")
     init_ray(cfg)
