@@ -1,0 +1,121 @@
+"""Training-loop pieces without Ray: NaN guard, resumable metric logging, collapse threshold,
+exported encoder (safetensors + MLflow model) and the PCA picture."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from conftest import compose
+
+
+@pytest.fixture(scope="module")
+def micro_method():
+    from rayssl.method import build_method
+
+    cfg = compose(["model=micro"])
+    torch.manual_seed(0)
+    return build_method(cfg.method.name, cfg.method_kwargs()).eval()
+
+
+def test_check_finite_names_step_and_term():
+    from rayssl.train import NonFiniteLossError, check_finite
+
+    terms = {"loss": torch.tensor(1.0), "loss_cls": torch.tensor(float("nan")), "loss_koleo": torch.tensor(float("inf"))}
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 17: loss_cls, loss_koleo"):
+        check_finite(terms, 17)
+    values = check_finite({"loss": torch.tensor(2.0), "teacher_entropy": torch.tensor(0.5)}, 3)
+    assert values.tolist() == [2.0, 0.5]
+
+
+def test_resumable_logger_skips_steps_already_logged(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from rayssl import tracking
+    from rayssl.train import ResumableLogger
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.get_or_create_experiment(uri, "units")
+    run_id = tracking.create_run(uri, exp, "r")
+    first = ResumableLogger(uri, run_id, resumed=False)
+    for step in (2, 4, 6):
+        first.log({"train/loss": float(step)}, step)
+    first.log({"loss": 1.0}, 3)
+    again = ResumableLogger(uri, run_id, resumed=True)  # restarted from a checkpoint at step 2
+    for step in (4, 6, 8):
+        again.log({"train/loss": float(step)}, step)
+    again.log({"loss": 2.0}, 6)  # a key's own history decides: 6 > 3
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4, 6, 8]
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [3, 6]
+
+
+def test_collapse_threshold_is_near_uniform_entropy():
+    from dinov3.losses import entropy
+    from rayssl.train import COLLAPSE_FRACTION
+
+    k = 256
+    uniform = torch.full((4, k), 1.0 / k)
+    peaked = torch.softmax(torch.randn(4, k) * 10, dim=-1)
+    assert entropy(uniform) > COLLAPSE_FRACTION * math.log(k)
+    assert entropy(peaked) < COLLAPSE_FRACTION * math.log(k)
+
+
+def test_export_encoder_matches_embed_and_reloads_identically(micro_method, tmp_path):
+    from safetensors.torch import load_file
+
+    from rayssl.export import SAFETENSORS_FILE, load_encoder, save_encoder
+
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    encoder = micro_method.export_encoder()
+    ref = micro_method.embed(images)
+    assert ref.shape == (3, micro_method.embed_dim)
+    assert torch.equal(encoder(images), ref)
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+    save_encoder(encoder, str(tmp_path / "model"))
+    reloaded = load_encoder(str(tmp_path / "model"))
+    assert torch.equal(reloaded(images), ref)
+    floats = (images.float() / 255 - 0.45) / 0.225
+    assert torch.allclose(reloaded(floats), encoder(floats))
+
+    weights = load_file(str(tmp_path / "model" / SAFETENSORS_FILE))
+    teacher = micro_method.teacher["backbone"].state_dict()
+    assert set(weights) == set(teacher)
+    assert all(torch.equal(weights[k], teacher[k]) for k in teacher)
+
+
+def test_pca_picture_is_png_of_expected_size(micro_method):
+    from PIL import Image
+
+    from rayssl.pictures import TILE, pca_picture, pca_rgb
+
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    feats = micro_method.patch_features(images)
+    assert feats.shape == (4, 4, 4, micro_method.embed_dim)
+    rgb = pca_rgb(feats)
+    assert rgb.shape == (4, 4, 4, 3) and rgb.dtype.name == "uint8"
+    png = pca_picture(images, feats)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    img = Image.open(io.BytesIO(png))
+    img.verify()
+    assert img.size == (4 * TILE, 2 * TILE) and img.mode == "RGB"
+
+
+def test_evaluate_checkpoint_dir_in_process(micro_method, tmp_path):
+    """experiments/evaluate.py on a Ray-style checkpoint dir (state.pt with its config)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    cfg = compose(["model=micro", "data.synthetic_n_train=64", "data.synthetic_n_eval=32"])
+    torch.save({"method": micro_method.state_dict(), "step": 0, "config": cfg.to_dict()}, tmp_path / "state.pt")
+    spec = importlib.util.spec_from_file_location("evaluate_entry", REPO / "experiments" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = mod.evaluate(str(tmp_path), cfg, {"knn_k": [5, 20], "probe_epochs": 5, "device": "cpu"})
+    assert results["n_bank"] == 64 and results["n_query"] == 32 and results["feature_dim"] == micro_method.embed_dim
+    for key in ("knn_top1_k5", "knn_top1_k20", "linear_probe_top1"):
+        assert 0.0 <= results[key] <= 100.0
+    assert "knn_top1_k20" in mod.format_table(str(tmp_path), "synthetic", results)
