@@ -1,4 +1,4 @@
-"""rayssl.data Ray pipelines on tiny data (one Ray instance for the module)."""
+"""rayssl.data Ray pipelines on tiny data (on the pytest run's shared Ray instance)."""
 
 import numpy as np
 import pytest
@@ -14,11 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+def ray_instance(ray_session):
+    yield ray_session
 
 
 def _collect(ds):

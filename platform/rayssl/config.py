@@ -125,6 +125,7 @@ class SweepConfig:
     reduction_factor: int = 2
     max_concurrent_trials: int = 0
     seed: int = 0
+    run_name: Optional[str] = None  # fixed name: re-running it resumes the sweep (Tuner.restore)
     space: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -132,6 +133,7 @@ class SweepConfig:
 class TrackingConfig:
     uri: Optional[str] = None
     experiment: str = "dinov3-ray"
+    register_model_name: Optional[str] = None  # register the best trial's model under this name
 
 
 @dataclass

@@ -66,6 +66,12 @@ def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, par
     tracking.set_tags(uri, parent, {"best_trial_id": best_trial, "best_run_id": best_run,
                                     f"best_{metric}": best.metrics.get(metric)})
     tracking.log_params(uri, parent, {f"best.{k}": v for k, v in best.config.items()})
+    if best_run and cfg.tracking.register_model_name:
+        version = tracking.register_model(uri, best_run, cfg.tracking.register_model_name)
+        if version:
+            summary["registered_model"] = {"name": cfg.tracking.register_model_name, "version": version}
+            tracking.set_tags(uri, parent, {"registered_model": f"{cfg.tracking.register_model_name}/{version}"})
+            log.info("registered the best trial's model as %s version %s", cfg.tracking.register_model_name, version)
     summary.update(best={"config": best.config, metric: best.metrics.get(metric), "trial_id": best_trial,
                          "run_id": best_run, "url": tracking.run_url(uri, exp_id, best_run) if best_run else None})
     log.info("best trial %s: %s = %.2f with %s\n  MLflow: %s", best_trial, metric, best.metrics.get(metric),

@@ -93,12 +93,19 @@ def run_sweep(cfg: ExperimentConfig) -> Dict[str, Any]:
     info = validate_source(data_spec(cfg))  # fails on a bad path before any Ray work
     uri = cfg.tracking_uri
     exp_id = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
-    sweep_name = f"{cfg.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = tracking.create_run(uri, exp_id, sweep_name, tags={tracking.ROLE_TAG: "sweep"})
-    tracking.log_params(uri, parent, {**{f"sweep.{k}": v for k, v in dataclasses.asdict(cfg.sweep).items()},
-                                      **flat_params(cfg)})
-    tracking.log_dict_artifact(uri, parent, cfg.to_dict(), "config/resolved.yaml")
-    tracking.log_dict_artifact(uri, parent, cfg.sweep.space, "config/search_space.yaml")
+    sweep_name = cfg.sweep.run_name or f"{cfg.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = os.path.join(cfg.storage_path, sweep_name)
+    parent_tags = {tracking.ROLE_TAG: "sweep", "rayssl.sweep_name": sweep_name}
+    parent = tracking.find_run(uri, exp_id, parent_tags) if cfg.sweep.run_name else None
+    if parent is None:
+        parent = tracking.create_run(uri, exp_id, sweep_name, tags=parent_tags)
+        tracking.log_params(uri, parent, {**{f"sweep.{k}": v for k, v in dataclasses.asdict(cfg.sweep).items()},
+                                          **flat_params(cfg)})
+        tracking.log_dict_artifact(uri, parent, cfg.to_dict(), "config/resolved.yaml")
+        tracking.log_dict_artifact(uri, parent, cfg.sweep.space, "config/search_space.yaml")
+    else:
+        log.info("resuming sweep %s into MLflow parent run %s", sweep_name, parent)
+        tracking.client(uri).update_run(parent, status="RUNNING")
     log.info("sweep %s: MLflow parent run %s in %s", sweep_name, parent, uri)
 
     init_ray(cfg)
@@ -109,14 +116,20 @@ def run_sweep(cfg: ExperimentConfig) -> Dict[str, Any]:
         tune.with_parameters(run_trial, base=cfg.to_dict(), experiment_id=exp_id,
                              parent_run_id=parent, n_train=info.n_train),
         TRIAL_DRIVER_RESOURCES)
-    tuner = tune.Tuner(
-        trainable,
-        param_space=search_space(cfg),
-        tune_config=tune.TuneConfig(
-            metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
-            search_alg=search_algorithm(cfg, concurrent), scheduler=scheduler(cfg)),
-        run_config=tune.RunConfig(name=sweep_name, storage_path=cfg.storage_path),
-    )
+    if cfg.sweep.run_name and tune.Tuner.can_restore(sweep_dir):
+        # The driver died: finished trials are kept, unfinished and errored ones re-run
+        # (their Train runs resume from their own checkpoints, into the same child runs).
+        log.info("restoring the Tune experiment at %s", sweep_dir)
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
+                search_alg=search_algorithm(cfg, concurrent), scheduler=scheduler(cfg)),
+            run_config=tune.RunConfig(name=sweep_name, storage_path=cfg.storage_path),
+        )
     try:
         results = tuner.fit()
     except BaseException:

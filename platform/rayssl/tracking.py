@@ -136,3 +136,19 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     if uri.startswith("http"):
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"run {run_id} in {uri} (mlflow ui --backend-store-uri {uri})"
+
+
+def register_model(uri: str, run_id: str, name: str, artifact_path: str = "model") -> Optional[str]:
+    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``name``; None if the run has no model."""
+    c = client(uri)
+    if not any(a.path == artifact_path for a in c.list_artifacts(run_id)):
+        log.warning("run %s has no '%s' artifact: nothing to register", run_id, artifact_path)
+        return None
+    try:
+        c.create_registered_model(name)
+    except Exception:  # already registered: add a version
+        pass
+    run = c.get_run(run_id)
+    version = c.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id,
+                                     tags={"rayssl.source": f"runs:/{run_id}/{artifact_path}"})
+    return version.version
