@@ -3,8 +3,12 @@
 Reads top to bottom: build the method, restore a checkpoint, then one pass over
 the multi-epoch stream of multi-crop batches (step -> schedules -> forward ->
 backward -> clip -> AdamW -> EMA teacher), with windowed telemetry to MLflow
-from rank 0 and, at each epoch end, k-NN evaluation, a checkpoint and a
-``ray.train.report`` (which Tune sees through ``TuneReportCallback``).
+from rank 0 and, at each epoch end, k-NN evaluation (plus a PCA picture), a
+checkpoint and a ``ray.train.report`` (which Tune sees through
+``TuneReportCallback``); with ``train.checkpoint_every > 0`` also a checkpoint and
+report every that many steps. A restarted or re-run worker group resumes from the
+last checkpoint and logs only steps its MLflow run does not hold yet. At the end,
+rank 0 attaches the teacher encoder (rayssl/export.py) to the run.
 """
 
 from __future__ import annotations
