@@ -78,6 +78,7 @@ class DataConfig:
     blur: str = "nominal"
     eval_size: int = 32
     num_actors: int = 1
+    cpus_per_actor: float = 1.0
     map_batch_size: int = 64
     max_cpus: Optional[float] = None
     knn_bank_size: Optional[int] = None
@@ -217,6 +218,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(d.n_local >= 0, "data.n_local", "must be >= 0", d.n_local)
     _check(d.blur in ("nominal", "official"), "data.blur", "must be 'nominal' or 'official'", d.blur)
     _check(d.num_actors >= 1, "data.num_actors", "must be >= 1", d.num_actors)
+    _check(0 < d.cpus_per_actor, "data.cpus_per_actor", "must be > 0", d.cpus_per_actor)
     _check(d.map_batch_size >= 1, "data.map_batch_size", "must be >= 1", d.map_batch_size)
     _check(d.synthetic_n_train >= 16, "data.synthetic_n_train", "must be >= 16", d.synthetic_n_train)
 

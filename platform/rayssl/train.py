@@ -188,6 +188,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                         log.info("epoch %d/%d step %d: loss %.4f, k-NN top-1 %.2f%%", epoch, cfg.train.epochs,
                                  step, metrics["loss"], last_knn["knn_top1"])
                 metrics.update(last_knn)
+                if rank == 0:
+                    metrics["data_skipped"] = count_skipped(cfg, epoch)
                 if logger:
                     logger.log(metrics, step)
                 with_ckpt = ckpt_every == 0 or due or step == total_steps
@@ -210,6 +212,17 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             log_encoder(method, tracking_uri, run_id, image_size=cfg.data.eval_size)
         except Exception as err:  # noqa: BLE001  the run itself succeeded
             log.warning("could not export the final teacher encoder: %s", err)
+
+
+def count_skipped(cfg: ExperimentConfig, epoch: int) -> float:
+    """Unreadable images skipped by the data actors so far (logged, never fatal)."""
+    from rayssl.data import DataSpec, skip_stats
+
+    stats = skip_stats(DataSpec.from_any(cfg.data))
+    if stats["skipped"]:
+        log.warning("epoch %d: %d unreadable images skipped so far, e.g. %s", epoch, stats["skipped"],
+                    ", ".join(map(str, stats["first_bad"][:5])))
+    return float(stats["skipped"])
 
 
 def load_state(state: Dict[str, Any], method: torch.nn.Module, optimizer: torch.optim.Optimizer,

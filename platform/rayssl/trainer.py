@@ -53,7 +53,7 @@ def trial_resources(cfg: ExperimentConfig) -> Dict[str, float]:
     """Logical resources one training run holds: Train workers plus Ray Data's actors."""
     t = cfg.train
     workers = max(t.num_workers, 1)
-    cpus = workers * t.cpus_per_worker + cfg.data.num_actors
+    cpus = workers * t.cpus_per_worker + cfg.data.num_actors * cfg.data.cpus_per_actor
     if cfg.data.max_cpus is not None:
         cpus = workers * t.cpus_per_worker + cfg.data.max_cpus
     return {"CPU": cpus, "GPU": workers * t.gpus_per_worker if t.use_gpu else 0.0}

@@ -366,7 +366,7 @@ def build_train_dataset(spec, seed: int, epochs: int, start_epoch: int = 0):
         raise DataSourceError(f"data.name={spec.name!r}: unknown source")
 
     ds = ds.map_batches(MultiCropWorker, fn_constructor_kwargs=actor_kwargs, batch_size=bs,
-                        batch_format="numpy", num_cpus=1, compute=compute)
+                        batch_format="numpy", num_cpus=float(spec.cpus_per_actor), compute=compute)
     return _configure(ds, spec)
 
 

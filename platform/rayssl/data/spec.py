@@ -29,6 +29,7 @@ class DataSpec:
     blur: str = "nominal"           # nominal (recipe table) | official (released models)
     eval_size: int = 32
     num_actors: int = 1             # CPU actors running decode + multi-crop
+    cpus_per_actor: float = 1.0     # logical CPUs each actor reserves
     map_batch_size: int = 64
     max_cpus: Optional[float] = None  # cap on Ray Data's CPU budget (None: no cap)
     knn_bank_size: Optional[int] = None   # None: every labelled train image
