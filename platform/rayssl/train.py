@@ -41,6 +41,7 @@ EPOCH_METRICS = ("loss", "loss_cls", "loss_patch", "loss_koleo")
 COLLAPSE_FRACTION = 0.95  # teacher target entropy above this fraction of ln K: near-uniform collapse
 PCA_IMAGES = 4  # held-out images in the PCA picture at each k-NN evaluation
 SYSTEM_METRICS_INTERVAL_S = 10.0
+EVAL_CACHE_BYTES = 1 << 30  # keep decoded k-NN bank + queries in rank 0's memory up to 1 GiB each
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,9 +115,11 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     window, epoch_sums = defaultdict(float), defaultdict(float)
     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
     last_window: Dict[str, float] = {}
+    warned_collapse = False
+    eval_cache: Dict[str, Any] = {}
     if rank == 0 and start_step == 0:
         # The same k-NN on the untrained teacher: the baseline every trial should beat.
-        last_knn = evaluate_knn(method, cfg, device, tracking_uri, run_id, step=0)
+        last_knn = evaluate_knn(method, cfg, device, tracking_uri, run_id, step=0, cache=eval_cache)
         logger.log({f"{k}_init": v for k, v in last_knn.items()}, 0)
     if rank == 0:
         log.info("training %d steps (%d epochs x %d steps, global batch %d on %d workers, %s)",
@@ -165,7 +168,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                 if entropy is not None:
                     collapsed = entropy > collapse_entropy
                     telemetry["collapse_warning"] = float(collapsed)
-                    if collapsed and rank == 0:
+                    if collapsed and rank == 0 and (epoch_end or not warned_collapse):  # not every window
+                        warned_collapse = True
                         log.warning("step %d: teacher target entropy %.4f > %.2f ln(K=%d) = %.4f: the teacher "
                                     "is near uniform collapse", step, entropy, COLLAPSE_FRACTION,
                                     cfg.model.n_cls_prototypes, collapse_entropy)
@@ -184,7 +188,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                                data_wait_frac=last_window["train/data_wait_frac"])
                 if epoch % cfg.train.knn_every == 0 or epoch == cfg.train.epochs:
                     if rank == 0:
-                        last_knn = evaluate_knn(method, cfg, device, tracking_uri, run_id, step=step)
+                        last_knn = evaluate_knn(method, cfg, device, tracking_uri, run_id, step=step, cache=eval_cache)
                         log.info("epoch %d/%d step %d: loss %.4f, k-NN top-1 %.2f%%", epoch, cfg.train.epochs,
                                  step, metrics["loss"], last_knn["knn_top1"])
                 metrics.update(last_knn)
@@ -344,11 +348,12 @@ def stop_system_metrics(monitor) -> None:
 @torch.no_grad()
 def evaluate_knn(method: torch.nn.Module, cfg: ExperimentConfig, device: torch.device,
                  tracking_uri: Optional[str] = None, run_id: Optional[str] = None,
-                 step: int = 0) -> Dict[str, float]:
+                 step: int = 0, cache: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
     """Weighted k-NN top-1 (%) of teacher CLS features: labelled train bank vs held-out queries.
 
     With a run id, also logs the PCA picture of the first query images' patch features
-    (``pca/step_XXXXXX.png``).
+    (``pca/step_XXXXXX.png``). ``cache`` (a dict owned by the caller) keeps the decoded
+    eval images in memory after the first evaluation when they are small enough.
     """
     was_training = method.training
     method.eval()
@@ -356,11 +361,11 @@ def evaluate_knn(method: torch.nn.Module, cfg: ExperimentConfig, device: torch.d
     first_queries = None
     for name in ("knn_bank", "knn_query"):
         xs, ys = [], []
-        for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=256, device=device):
+        for images, labels in eval_batches(name, {} if cache is None else cache, device):
             if name == "knn_query" and first_queries is None:
-                first_queries = batch["image"][:PCA_IMAGES]
-            xs.append(method.embed(batch["image"]).float())
-            ys.append(batch["label"])
+                first_queries = images[:PCA_IMAGES]
+            xs.append(method.embed(images).float())
+            ys.append(labels)
         feats[name] = (torch.cat(xs), torch.cat(ys))
     if run_id is not None and first_queries is not None and hasattr(method, "patch_features"):
         from rayssl.pictures import log_pca_picture
@@ -377,6 +382,25 @@ def evaluate_knn(method: torch.nn.Module, cfg: ExperimentConfig, device: torch.d
     out = {"knn_top1": float(acc[cfg.train.knn_k])}
     out.update({f"knn_top1_k{k}": float(v) for k, v in acc.items()})
     return out
+
+
+def eval_batches(name: str, cache: Dict[str, Any], device: torch.device, batch_size: int = 256):
+    """(images uint8 [b,3,S,S], labels [b]) of an eval dataset on ``device``: from Ray Data the first
+    time, then from ``cache`` if the whole set fits in EVAL_CACHE_BYTES (re-streaming it each
+    epoch costs a Ray Data execution)."""
+    if name in cache:
+        images, labels = cache[name]
+        for i in range(0, len(images), batch_size):
+            yield images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        return
+    kept, n_bytes = [], 0
+    for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=batch_size):
+        n_bytes += batch["image"].numel()
+        if n_bytes <= EVAL_CACHE_BYTES:
+            kept.append((batch["image"], batch["label"]))
+        yield batch["image"].to(device), batch["label"].to(device)
+    if n_bytes <= EVAL_CACHE_BYTES and kept:
+        cache[name] = (torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept]))
 
 
 def check_finite(terms: Dict[str, torch.Tensor], step: int) -> torch.Tensor:

@@ -68,9 +68,7 @@ def build_trainer(cfg: ExperimentConfig, *, name: str, mlflow_run_id: str, n_tra
     DataContext.get_current().enable_progress_bars = False  # this may be a Tune trial process
     spec = data_spec(cfg)
     train_ds = build_train_dataset(spec, seed=cfg.train.seed, epochs=cfg.train.epochs)
-    # Decoded once here, then read from the object store at every evaluation (bounded
-    # by data.knn_bank_size / knn_query_size), instead of re-decoding each epoch.
-    bank_ds, query_ds = (ds.materialize() for ds in build_eval_datasets(spec))
+    bank_ds, query_ds = build_eval_datasets(spec)  # rank 0 caches them after the first k-NN
     t = cfg.train
     return TorchTrainer(
         train_loop_per_worker,
