@@ -5,6 +5,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -137,14 +139,22 @@ def test_empty_dir_names_it(tmp_path, name):
 
 
 def test_missing_path_raises_before_ray():
-    import ray
-
-    from rayssl.data import build_train_dataset
-
-    assert not ray.is_initialized()
-    with pytest.raises(DataSourceError, match="/no/such/dir"):
-        build_train_dataset(DataSpec(name="imagefolder", path="/no/such/dir"), seed=0, epochs=1)
-    assert not ray.is_initialized()
+    # In a fresh interpreter: this pytest run's shared Ray instance may already be up.
+    code = (
+        "import ray\n"
+        "from rayssl.data import DataSourceError, DataSpec, build_train_dataset\n"
+        "try:\n"
+        "    build_train_dataset(DataSpec(name='imagefolder', path='/no/such/dir'), seed=0, epochs=1)\n"
+        "except DataSourceError as err:\n"
+        "    assert '/no/such/dir' in str(err), err\n"
+        "else:\n"
+        "    raise SystemExit('no DataSourceError')\n"
+        "assert not ray.is_initialized(), 'Ray was started'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "platform")])})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------
