@@ -3,7 +3,7 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import compose
+from conftest import compose, sweep_runs
 
 EPOCHS = 2
 SWEPT = {"koleo_weight", "mask_ratio", "n_register_tokens", "temperature_student", "temperature_teacher"}
@@ -38,14 +38,8 @@ def test_two_trial_sweep_with_two_ddp_workers_logs_nested_runs(ray_session, tmp_
     assert summary["best"] is not None and summary["n_errors"] == 0
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("it-sweep")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2
-    parent = parents[0]
+    parent, children = sweep_runs(client, "it-sweep", 2)
     assert parent.info.status == "FINISHED"
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "config")}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import compose
+from conftest import compose, sweep_runs
 from test_cluster_job_submit import Processes, free_ports, http_ok, wait_for
 
 pytestmark = pytest.mark.slow
@@ -46,13 +46,7 @@ def test_three_trial_sweep_is_browsable_in_a_real_server(ray_session, mlflow_ser
     assert summary["n_errors"] == 0 and summary["best"] is not None
 
     client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("it-server")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 3
-    parent = parents[0]
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    parent, children = sweep_runs(client, "it-server", 3)
 
     # Parent: config, search space, results table, pictures, best-trial tags.
     config = {a.path for a in client.list_artifacts(parent.info.run_id, "config")}
