@@ -109,27 +109,14 @@ def format_table(checkpoint: str, data: str, results: dict) -> str:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    import logging
+    from rayssl.cli import run_main
 
-    from rayssl.config import ConfigError, load_config
-    from rayssl.data import DataSourceError
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     raw = OmegaConf.to_container(raw, resolve=False)
     checkpoint, eval_cfg = raw.pop("checkpoint", None), raw.pop("eval", None) or {}
     if not checkpoint or checkpoint == "???":
         print("config error: checkpoint: required (a Ray checkpoint dir or an MLflow model URI)", file=sys.stderr)
         sys.exit(2)
-    try:
-        cfg = load_config(raw)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        results = evaluate(str(checkpoint), cfg, eval_cfg)
-    except DataSourceError as err:
-        print(f"data error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cfg, results = run_main(raw, lambda cfg: (cfg, evaluate(str(checkpoint), cfg, eval_cfg)))
     print(format_table(str(checkpoint), f"{cfg.data.name} {cfg.data.path or ''}".strip(), results))
 
 
