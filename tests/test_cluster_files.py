@@ -97,7 +97,7 @@ def test_launcher_installs_the_project_and_enables_token_auth():
     mounts = cfg["file_mounts"]
     project = [remote for remote, local in mounts.items() if local in (".", "./")]
     assert project, "the checkout is not mounted"
-    assert any(f"pip install" in c and project[0] in c for c in cfg["setup_commands"]), cfg["setup_commands"]
+    assert any("pip install" in c and project[0] in c for c in cfg["setup_commands"]), cfg["setup_commands"]
     assert any(remote.endswith(".ray/auth_token") for remote in mounts)
     assert ".rayignore" in cfg.get("rsync_filter", [])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):

@@ -191,7 +191,7 @@ def cluster(tmp_path_factory):
 
     def node_args(ports):
         nm, om, agent_http, agent_grpc, rt_agent, metrics = ports
-        return [f"--node-ip-address=127.0.0.1", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+        return ["--node-ip-address=127.0.0.1", f"--node-manager-port={nm}", f"--object-manager-port={om}",
                 f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
                 f"--runtime-env-agent-port={rt_agent}", f"--metrics-export-port={metrics}",
                 f"--num-cpus={NODE_CPUS}", "--num-gpus=0", f"--object-store-memory={200 * 2**20}",

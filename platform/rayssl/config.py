@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -309,12 +310,9 @@ def load_config(raw: Any) -> ExperimentConfig:
 
 def from_dict(d: Dict[str, Any]) -> ExperimentConfig:
     """Plain dict (as shipped to Ray workers) -> ExperimentConfig, without validation."""
-    classes = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig,
-               "sweep": SweepConfig, "tracking": TrackingConfig, "ray": RayConfig}
     kwargs = {}
-    for name in classes:
+    for name, cls in typing.get_type_hints(ExperimentConfig).items():
         sub = dict(d.get(name) or {})
-        cls = classes[name]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(sub) - known
         if unknown:

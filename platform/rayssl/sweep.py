@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import ray
 from ray import tune

@@ -332,8 +332,6 @@ def list_parquet(path: str) -> ParquetListing:
             pass
     hash_split = not eval_files
     if hash_split:
-        import pyarrow.parquet as pq  # noqa: F401
-
         n_eval = 0
         n_all = 0
         for f in train_files:
