@@ -42,6 +42,9 @@ SWEEP_OVERRIDES = [
     "data.synthetic_n_train=256", "data.synthetic_n_eval=128", "train.batch_size=32",
     "train.log_every=4", "data.n_local=2", "data.map_batch_size=32",
     f"tracking.experiment={EXPERIMENT}",
+    # A worker lost on a loaded 2-core runner is restarted from its checkpoint, as on a real
+    # cluster; a trial that still fails names its error (rayssl.error) in the assertion below.
+    "train.max_failures=1",
 ]
 JOB_TIMEOUT_S = 600
 
@@ -296,7 +299,8 @@ def test_job_submit_sweep_runs_on_both_nodes(cluster):
 
     used_nodes = set()
     for child in children:
-        assert child.info.status == "FINISHED", child.info
+        assert child.info.status == "FINISHED", (
+            f"{child.info.run_name}: {child.data.tags.get('rayssl.error')}\n--- job logs (tail) ---\n{logs[-8000:]}")
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert len(client.get_metric_history(child.info.run_id, "knn_top1")) == 1
         assert child.data.params["train.storage_path"] == str(storage)

@@ -29,6 +29,36 @@ def test_check_finite_names_step_and_term():
     assert values.tolist() == [2.0, 0.5]
 
 
+def test_resume_finds_newest_readable_checkpoint_ray_never_registered(tmp_path):
+    """A worker killed right after report leaves a checkpoint Ray did not record: resume
+    takes the newest complete one on storage, skipping one cut short."""
+    import ray.train
+
+    from rayssl.train import CHECKPOINT_FILE, load_first_readable, resume_candidates
+
+    run_dir = tmp_path / "run"
+    for step, stamp in [(3, "2026-01-01_00-00-03.000000"), (6, "2026-01-01_00-00-06.000000")]:
+        (run_dir / f"checkpoint_{stamp}").mkdir(parents=True)
+        torch.save({"step": step}, run_dir / f"checkpoint_{stamp}" / CHECKPOINT_FILE)
+    cut = run_dir / "checkpoint_2026-01-01_00-00-09.000000"
+    cut.mkdir()
+    (cut / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04truncated")
+    (run_dir / "not_a_checkpoint").mkdir()
+    registered = ray.train.Checkpoint(str(run_dir / "checkpoint_2026-01-01_00-00-03.000000"))
+
+    candidates = resume_candidates(str(run_dir), registered)
+    assert [c.path[-9:] for c in candidates] == ["09.000000", "06.000000", "03.000000"]
+    state, path = load_first_readable(candidates)
+    assert state["step"] == 6 and path.endswith("06.000000")
+
+    elsewhere = tmp_path / "moved" / "checkpoint_x"
+    elsewhere.mkdir(parents=True)
+    torch.save({"step": 2}, elsewhere / CHECKPOINT_FILE)
+    only = resume_candidates(str(tmp_path / "empty"), ray.train.Checkpoint(str(elsewhere)))
+    assert load_first_readable(only)[0]["step"] == 2
+    assert load_first_readable(resume_candidates(str(tmp_path / "empty"), None)) == (None, None)
+
+
 def test_resumable_logger_skips_steps_already_logged(tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -128,6 +128,7 @@ class SweepConfig:
     max_concurrent_trials: int = 0
     seed: int = 0
     run_name: Optional[str] = None  # fixed name: re-running it resumes the sweep (Tuner.restore)
+    retry_failed: bool = False  # on resume, also re-run trials that failed (not only unfinished ones)
     space: Dict[str, Any] = field(default_factory=dict)
 
 

@@ -24,6 +24,11 @@ def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, par
     params = list(cfg.sweep.space)
     n_errors = len(results.errors)
     summary: Dict[str, Any] = {"n_trials": len(results), "n_errors": n_errors, "best": None}
+    if n_errors:
+        failed = [r for r in results if r.error is not None]
+        for r in failed:
+            log.error("trial %s failed: %s", (r.metrics or {}).get("trial_id", r.path), str(r.error).splitlines()[0])
+        tracking.set_tags(uri, parent, {"rayssl.trials_failed": n_errors})
     if df.empty or metric not in df:
         log.error("no trial reported %s (%d errors)", metric, n_errors)
         return summary

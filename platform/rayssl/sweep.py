@@ -79,8 +79,8 @@ def run_trial(config: Dict[str, Any], base: Dict[str, Any], experiment_id: str, 
                             n_train=n_train, callbacks=[TuneReportCallback()])
     try:
         trainer.fit()
-    except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+    except BaseException as err:
+        tracking.end_run(uri, run_id, "FAILED", error=err)
         raise
     tracking.end_run(uri, run_id, "FINISHED")
 
@@ -117,10 +117,12 @@ def run_sweep(cfg: ExperimentConfig) -> Dict[str, Any]:
                              parent_run_id=parent, n_train=info.n_train),
         TRIAL_DRIVER_RESOURCES)
     if cfg.sweep.run_name and tune.Tuner.can_restore(sweep_dir):
-        # The driver died: finished trials are kept, unfinished and errored ones re-run
-        # (their Train runs resume from their own checkpoints, into the same child runs).
+        # The driver died: finished trials are kept, unfinished ones continue (their Train runs
+        # resume from their own checkpoints, into the same child runs); failed ones stay failed
+        # unless sweep.retry_failed (their error is the child run's rayssl.error tag).
         log.info("restoring the Tune experiment at %s", sweep_dir)
-        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=cfg.sweep.retry_failed)
     else:
         tuner = tune.Tuner(
             trainable,

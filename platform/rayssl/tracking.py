@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 TRIAL_TAG = "rayssl.trial_id"
 SWEEP_TAG = "rayssl.sweep"
 ROLE_TAG = "rayssl.role"
+ERROR_TAG = "rayssl.error"
 MAX_PARAM_LEN = 6000
 
 
@@ -91,7 +92,10 @@ def log_artifact(uri: str, run_id: str, path: str, artifact_path: Optional[str] 
     client(uri).log_artifact(run_id, path, artifact_path)
 
 
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+def end_run(uri: str, run_id: str, status: str = "FINISHED", error: Optional[BaseException] = None) -> None:
+    """Close the run; a failure's exception is kept as the ``rayssl.error`` tag (shown in the UI)."""
+    if error is not None:
+        client(uri).set_tag(run_id, ERROR_TAG, f"{type(error).__name__}: {error}"[:5000])
     client(uri).set_terminated(run_id, status=status)
 
 

@@ -22,7 +22,7 @@ import signal
 import tempfile
 import time
 from collections import defaultdict
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import ray.train
@@ -77,14 +77,15 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     # Resume: Ray Train's latest checkpoint (after a failure or re-run), else train.resume_from.
     start_step = 0
     last_knn: Dict[str, float] = {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    run_dir = storage_join(loop_config.get("storage_path") or cfg.storage_path, loop_config.get("run_name") or "run")
+    candidates = gather_objects(resume_candidates(run_dir, ray.train.get_checkpoint()), world)[0]  # rank 0's view
+    if not candidates and loop_config.get("resume_from"):
+        candidates = [ray.train.Checkpoint(loop_config["resume_from"])]
+    state, source = load_first_readable(candidates)
+    if state is not None:
         start_step, last_knn = load_state(state, method, optimizer, rank)
-        log.info("rank %d resumed at step %d/%d from %s", rank, start_step, total_steps, checkpoint.path)
+        del state
+        log.info("rank %d resumed at step %d/%d from %s", rank, start_step, total_steps, source)
 
     model = method
     if world > 1:
@@ -227,6 +228,50 @@ def count_skipped(cfg: ExperimentConfig, epoch: int) -> float:
         log.warning("epoch %d: %d unreadable images skipped so far, e.g. %s", epoch, stats["skipped"],
                     ", ".join(map(str, stats["first_bad"][:5])))
     return float(stats["skipped"])
+
+
+def storage_join(storage_path: str, name: str) -> str:
+    return f"{storage_path.rstrip('/')}/{name}" if "://" in storage_path else os.path.join(storage_path, name)
+
+
+def resume_candidates(run_dir: str, registered: Optional[ray.train.Checkpoint]) -> List[ray.train.Checkpoint]:
+    """Checkpoints to try, best first: every ``checkpoint_*`` under the run's storage
+    directory, newest first (Ray names them by time), then the one Ray Train registered.
+
+    Ray Train registers a reported checkpoint asynchronously: a worker killed just after
+    ``ray.train.report`` leaves a complete checkpoint on storage that the controller never
+    recorded, and trusting only ``get_checkpoint()`` would repeat a whole checkpoint
+    interval (or restart a re-run from step 0). Incomplete ones are skipped when loading.
+    """
+    import pyarrow.fs as pafs
+
+    found: List[ray.train.Checkpoint] = []
+    try:
+        if "://" in run_dir:
+            fs, root = pafs.FileSystem.from_uri(run_dir)
+        else:
+            fs, root = pafs.LocalFileSystem(), os.path.abspath(run_dir)
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        dirs = sorted((i.path for i in infos
+                       if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
+        found = [ray.train.Checkpoint(path=d, filesystem=fs) for d in dirs]
+    except Exception as err:  # noqa: BLE001  an unlistable store falls back to Ray's own record
+        log.warning("cannot list checkpoints under %s (%s); using Ray Train's latest", run_dir, err)
+    if registered is not None and registered.path not in {c.path for c in found}:
+        found.append(registered)
+    return found
+
+
+def load_first_readable(checkpoints: List[ray.train.Checkpoint]):
+    """(state dict, path) of the first checkpoint that loads, or (None, None)."""
+    for checkpoint in checkpoints:
+        try:
+            with checkpoint.as_directory() as ckpt_dir:
+                state = torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+            return state, checkpoint.path
+        except Exception as err:  # noqa: BLE001  a checkpoint cut short by the failure itself
+            log.warning("skipping unreadable checkpoint %s: %s", checkpoint.path, err)
+    return None, None
 
 
 def load_state(state: Dict[str, Any], method: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -119,8 +119,8 @@ def run_training(cfg: ExperimentConfig) -> Dict[str, Any]:
     trainer = build_trainer(cfg, name=name, mlflow_run_id=run_id, n_train=info.n_train)
     try:
         result = trainer.fit()
-    except Exception:
-        tracking.end_run(uri, run_id, "FAILED")
+    except Exception as err:
+        tracking.end_run(uri, run_id, "FAILED", error=err)
         raise
     tracking.end_run(uri, run_id, "FINISHED")
     log.info("done: %s", tracking.run_url(uri, exp_id, run_id))
