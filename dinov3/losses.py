@@ -32,6 +32,8 @@ def _global_logsumexp(x: torch.Tensor, dim: Optional[int], distributed: bool) ->
     if dim is None:
         x = x.reshape(1, -1)
         dim = 1
+    if not distributed:  # one fused kernel, same value
+        return torch.logsumexp(x, dim=dim, keepdim=True)
     if x.shape[dim] == 0:  # this worker has no rows (e.g. no masked tokens)
         m = x.new_full([1 if d == dim else s for d, s in enumerate(x.shape)], -math.inf)
     else:
@@ -64,10 +66,12 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> 
     with _no_autocast(logits):
         distributed = _distributed()
         n_k = logits.shape[1]
-        n_total = torch.tensor([float(logits.shape[0])], device=logits.device, dtype=torch.float64)
-        if distributed:
+        if distributed:  # stays on the device: no host sync in the step
+            n_total = torch.tensor([float(logits.shape[0])], device=logits.device, dtype=torch.float64)
             dist.all_reduce(n_total)
-        log_n_total = math.log(max(float(n_total.item()), 1.0))
+            log_n_total = n_total.clamp_min(1.0).log().float()
+        else:
+            log_n_total = math.log(max(logits.shape[0], 1))
 
         lq = logits.float() / temp  # log Q^T: [N, K]
         lq = lq - _global_logsumexp(lq, None, distributed)  # Q /= Q.sum()

@@ -278,6 +278,13 @@ class DINOv3(nn.Module):
         out["grad_norm"] = math.sqrt(sum(v * v for v in values))
         return out
 
+    def compile(self, *args, **kwargs) -> None:
+        """``torch.compile`` the backbones in place (static crop shapes: one graph per crop
+        size); heads and losses stay eager, since the masked-token count changes every step."""
+        kwargs.setdefault("dynamic", False)
+        self.student["backbone"].compile(*args, **kwargs)
+        self.teacher["backbone"].compile(*args, **kwargs)
+
     def update_teacher(self, momentum: float) -> None:
         """EMA ``t = m * t + (1 - m) * s`` over all student/teacher parameters (any mode)."""
         ema_update_(self.teacher.parameters(), self.student.parameters(), momentum)

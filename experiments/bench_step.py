@@ -69,6 +69,9 @@ def main() -> None:
     p.add_argument("--uint8", action="store_true", help="feed uint8 crops (normalised inside)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU needs avx512_bf16/AMX to pay off")
+    p.add_argument("--compile", default="none", choices=("none", "backbone", "model"),
+                   help="torch.compile the backbones (what train.compile does) or the whole forward")
+    p.add_argument("--profile", default=None, help="write torch.profiler tables of 3 extra steps here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
@@ -129,6 +132,9 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    forward = torch.compile(model) if args.compile == "model" else model
+    if args.compile == "backbone":
+        model.compile()
     times, cpu_times, losses = [], [], []
     phase = {"fwd": [], "bwd": [], "opt": [], "ema": []}
     out = None
@@ -139,7 +145,7 @@ def main() -> None:
         c = time.process_time()
         hp = model.apply_schedules(opt, step) if args.schedules else {"momentum": 0.996}
         with autocast():
-            out = model(gl, lo)
+            out = forward(gl, lo)
         sync()
         t1 = time.perf_counter()
         out.loss.backward()
@@ -163,6 +169,29 @@ def main() -> None:
         losses.append({"loss": float(out.loss.detach()), "cls": float(out.loss_cls),
                        "patch": float(out.loss_patch), "koleo": float(out.loss_koleo)})
 
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                gl, lo = batch()
+                with autocast():
+                    o = forward(gl, lo)
+                o.loss.backward()
+                if not args.no_clip:
+                    model.clip_gradients()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if not args.no_ema:
+                    model.update_teacher(0.996)
+            sync()
+        table = prof.key_averages()
+        with open(args.profile, "w") as f:
+            if dev.type == "cuda":
+                f.write(table.table(sort_by="self_cuda_time_total", row_limit=40) + "\n")
+            f.write(table.table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
+
     model.eval()
     with torch.no_grad(), autocast():
         emb = model.embed(torch.randn(4, 3, args.img_size, args.img_size, device=dev))
@@ -178,6 +207,7 @@ def main() -> None:
         "clip": not args.no_clip,
         "mask_strategy": args.mask_strategy,
         "precision": "bf16-autocast" if use_bf16 else "fp32",
+        "compile": args.compile,
         "config": {k: getattr(args, k) for k in (
             "encoder", "img_size", "local_size", "patch_size", "batch", "n_global", "n_local",
             "n_cls_prototypes", "n_patch_prototypes", "hidden", "bottleneck", "registers")},

@@ -42,6 +42,8 @@ class SSLMethod(Protocol):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor: ...
 
+    def compile(self) -> None: ...  # train.compile: nn.Module.compile, or the method's own override
+
 
 def _resolve(name: str):
     target = METHODS.get(name, name)

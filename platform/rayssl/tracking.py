@@ -40,12 +40,21 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=default_artifact_location(uri))
     except Exception:  # created meanwhile by another driver
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def default_artifact_location(uri: str) -> Optional[str]:
+    """Artifacts of a ``sqlite:///DIR/x.db`` store go to ``DIR/mlruns`` (absolute), not to
+    ``./mlruns`` of whichever directory the first run started in; servers decide their own."""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        return os.path.join(os.path.dirname(os.path.abspath(db)), "mlruns")
+    return None
 
 
 def find_run(uri: str, experiment_id: str, tags: Dict[str, str]) -> Optional[str]:

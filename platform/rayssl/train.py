@@ -87,11 +87,11 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         del state
         log.info("rank %d resumed at step %d/%d from %s", rank, start_step, total_steps, source)
 
+    if cfg.train.compile:
+        method.compile()  # in place (nn.Module.compile, or the method's own choice of what to compile)
     model = method
     if world > 1:
         model = ray.train.torch.prepare_model(method, move_to_device=False)
-    if cfg.train.compile:
-        model = torch.compile(model)
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext)
 
