@@ -31,6 +31,7 @@ class ModelConfig:
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     drop_path_rate: float = 0.1
+    layerscale_init: Optional[float] = 1e-5  # null: no LayerScale (short runs of small models learn faster)
     pretrained: bool = False
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
@@ -206,6 +207,8 @@ def validate(cfg: ExperimentConfig) -> None:
     mdl = cfg.model
     _check(mdl.patch_size > 0, "model.patch_size", "must be > 0", mdl.patch_size)
     _check(0.0 <= mdl.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)", mdl.drop_path_rate)
+    _check(mdl.layerscale_init is None or mdl.layerscale_init > 0, "model.layerscale_init", "must be null or > 0",
+           mdl.layerscale_init)
     for key in ("n_cls_prototypes", "n_patch_prototypes", "head_hidden_dim", "head_bottleneck_dim"):
         _check(getattr(mdl, key) > 0, f"model.{key}", "must be > 0", getattr(mdl, key))
     if mdl.embed_dim is not None and mdl.num_heads is not None:

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""ASHA against no early stopping: the same sweep run twice, one after the other.
+
+Both sweeps sample the same trial configurations (same search seed); the second stops
+trials through ASHA on the per-epoch ``knn_top1``. Prints one JSON line: trial-epochs
+each sweep trained (epochs that reported ``knn_top1``, read back from MLflow), their
+ratio, and each sweep's best ``knn_top1``.
+
+    python experiments/bench_asha.py model=micro model.layerscale_init=null train.epochs=8 \
+        sweep.num_samples=8 sweep.grace_period=1 sweep.reduction_factor=2
+"""
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "platform")]
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+
+def trial_epochs(cfg, sweep_name: str):
+    """(epochs trained per trial, best last knn_top1) of one sweep, from its MLflow runs."""
+    from rayssl import tracking
+
+    client = tracking.client(cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    parent = tracking.find_run(cfg.tracking_uri, exp.experiment_id,
+                               {tracking.ROLE_TAG: "sweep", "rayssl.sweep_name": sweep_name})
+    children = client.search_runs([exp.experiment_id], f"tags.`{tracking.SWEEP_TAG}` = '{parent}'")
+    epochs, last = [], []
+    for run in children:
+        history = sorted(client.get_metric_history(run.info.run_id, cfg.sweep.metric), key=lambda m: m.step)
+        epochs.append(len(history))
+        if history:
+            last.append(history[-1].value)
+    return parent, epochs, last
+
+
+def bench(cfg):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = {"trials": cfg.sweep.num_samples, "max_epochs": cfg.train.epochs,
+           "grace_period": cfg.sweep.grace_period, "reduction_factor": cfg.sweep.reduction_factor}
+    from rayssl.sweep import run_sweep
+
+    for scheduler in ("none", "asha"):
+        name = f"asha-bench-{scheduler}-{stamp}"
+        run_cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, scheduler=scheduler, run_name=name))
+        t0 = time.perf_counter()
+        run_sweep(run_cfg)
+        wall = time.perf_counter() - t0
+        parent, epochs, last = trial_epochs(run_cfg, name)
+        best = max(last) if cfg.sweep.mode == "max" else min(last)
+        out[scheduler] = {"mlflow_parent_run": parent, "trial_epochs": sum(epochs), "epochs_per_trial": epochs,
+                          f"best_{cfg.sweep.metric}": round(best, 2), "wall_s": round(wall, 1)}
+        print(f"{scheduler}: {sum(epochs)} trial-epochs, best {cfg.sweep.metric} {best:.2f}, {wall:.0f} s",
+              flush=True)
+    out["trial_epoch_ratio"] = round(out["asha"]["trial_epochs"] / out["none"]["trial_epochs"], 3)
+    key = f"best_{cfg.sweep.metric}"
+    out[f"{key}_diff_points"] = round(out["asha"][key] - out["none"][key], 2)
+    print(json.dumps(out))
+    return out
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    from rayssl.cli import run_main
+
+    run_main(raw, bench)
+
+
+if __name__ == "__main__":
+    main()
