@@ -149,3 +149,42 @@ def test_evaluate_checkpoint_dir_in_process(micro_method, tmp_path):
     for key in ("knn_top1_k5", "knn_top1_k20", "linear_probe_top1"):
         assert 0.0 <= results[key] <= 100.0
     assert "knn_top1_k20" in mod.format_table(str(tmp_path), "synthetic", results)
+
+
+def test_knn_evaluation_retries_a_transient_data_failure(monkeypatch):
+    """A Ray Data failure while reading the k-NN sets is retried from the start (up to
+    EVAL_ATTEMPTS); the result equals an undisturbed evaluation; a lasting failure is raised."""
+    import rayssl.train as train
+    from dinov3.evaluation import knn_classify
+    from rayssl.method import build_method
+
+    cfg = compose(["model=micro", "model.layerscale_init=null", "train.knn_k=5"])
+    torch.manual_seed(0)  # no LayerScale: distinct features, so no ties among neighbours
+    micro_method = build_method(cfg.method.name, cfg.method_kwargs()).eval()
+    g = torch.Generator().manual_seed(0)
+    cache = {name: (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                    torch.arange(n) % 4) for name, n in (("knn_bank", 24), ("knn_query", 12))}
+    real = train.eval_batches
+    calls = {"n": 0, "fail": 1}
+
+    def flaky(name, cache_, device, batch_size=256):
+        calls["n"] += 1
+        if calls["n"] <= calls["fail"]:
+            raise RuntimeError("ActorUnschedulableError: transient")
+        yield from real(name, cache_, device, batch_size=5)
+
+    monkeypatch.setattr(train, "eval_batches", flaky)
+    monkeypatch.setattr(train.time, "sleep", lambda s: None)
+    out = train.evaluate_knn(micro_method, cfg, torch.device("cpu"), cache=cache)
+    with torch.no_grad():
+        feats = {k: micro_method.embed(v[0]).float() for k, v in cache.items()}
+    expected = knn_classify(feats["knn_bank"], cache["knn_bank"][1], feats["knn_query"], cache["knn_query"][1],
+                            ks=(5, 10, 100), n_classes=4)
+    assert out["knn_top1"] == pytest.approx(float(expected[5]))
+    assert out["knn_top1_k100"] == pytest.approx(float(expected[100]))
+    assert calls["n"] == 3  # one failed attempt, then bank + query
+
+    calls.update(n=0, fail=10)
+    with pytest.raises(RuntimeError, match="transient"):
+        train.evaluate_knn(micro_method, cfg, torch.device("cpu"), cache=cache)
+    assert calls["n"] == train.EVAL_ATTEMPTS

@@ -41,6 +41,7 @@ EPOCH_METRICS = ("loss", "loss_cls", "loss_patch", "loss_koleo")
 COLLAPSE_FRACTION = 0.95  # teacher target entropy above this fraction of ln K: near-uniform collapse
 PCA_IMAGES = 4  # held-out images in the PCA picture at each k-NN evaluation
 SYSTEM_METRICS_INTERVAL_S = 10.0
+EVAL_ATTEMPTS = 3  # the k-NN eval sets are re-read from the start after a transient Ray Data failure
 EVAL_CACHE_BYTES = 1 << 30  # keep decoded k-NN bank + queries in rank 0's memory up to 1 GiB each
 
 
@@ -402,16 +403,16 @@ def evaluate_knn(method: torch.nn.Module, cfg: ExperimentConfig, device: torch.d
     """
     was_training = method.training
     method.eval()
-    feats = {}
-    first_queries = None
-    for name in ("knn_bank", "knn_query"):
-        xs, ys = [], []
-        for images, labels in eval_batches(name, {} if cache is None else cache, device):
-            if name == "knn_query" and first_queries is None:
-                first_queries = images[:PCA_IMAGES]
-            xs.append(method.embed(images).float())
-            ys.append(labels)
-        feats[name] = (torch.cat(xs), torch.cat(ys))
+    for attempt in range(1, EVAL_ATTEMPTS + 1):
+        try:
+            feats, first_queries = eval_features(method, {} if cache is None else cache, device)
+            break
+        except Exception as err:  # noqa: BLE001  e.g. Ray Data's actors failing to start on a busy node
+            if attempt == EVAL_ATTEMPTS:
+                raise
+            log.warning("k-NN evaluation at step %d failed (attempt %d of %d), retrying: %s",
+                        step, attempt, EVAL_ATTEMPTS, err)
+            time.sleep(2.0 * attempt)
     if run_id is not None and first_queries is not None and hasattr(method, "patch_features"):
         from rayssl.pictures import log_pca_picture
 
@@ -427,6 +428,20 @@ def evaluate_knn(method: torch.nn.Module, cfg: ExperimentConfig, device: torch.d
     out = {"knn_top1": float(acc[cfg.train.knn_k])}
     out.update({f"knn_top1_k{k}": float(v) for k, v in acc.items()})
     return out
+
+
+def eval_features(method: torch.nn.Module, cache: Dict[str, Any], device: torch.device):
+    """({"knn_bank" | "knn_query": (teacher CLS features [n, D], labels [n])}, first query images)."""
+    feats, first_queries = {}, None
+    for name in ("knn_bank", "knn_query"):
+        xs, ys = [], []
+        for images, labels in eval_batches(name, cache, device):
+            if name == "knn_query" and first_queries is None:
+                first_queries = images[:PCA_IMAGES]
+            xs.append(method.embed(images).float())
+            ys.append(labels)
+        feats[name] = (torch.cat(xs), torch.cat(ys))
+    return feats, first_queries
 
 
 def eval_batches(name: str, cache: Dict[str, Any], device: torch.device, batch_size: int = 256):
