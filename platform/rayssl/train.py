@@ -75,7 +75,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(method.param_groups(), betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
 
-    # Resume: Ray Train's latest checkpoint (after a failure or re-run), else train.resume_from.
+    # Resume: the newest readable checkpoint of this run (after a failure or a re-run of the
+    # same name), else train.resume_from.
     start_step = 0
     last_knn: Dict[str, float] = {}
     run_dir = storage_join(loop_config.get("storage_path") or cfg.storage_path, loop_config.get("run_name") or "run")
