@@ -39,7 +39,6 @@ print(json.dumps({"seed_peak_cuda_mem_mib": round(torch.cuda.max_memory_allocate
 EOF
 fi
 
-
 if [[ -z "${SKIP_RECIPE:-}" ]]; then
   echo "== this repo, ViT-S/16 bf16, recipe schedules + drop-path 0.1 + uint8 input"
   timeout 300 $PY experiments/bench_step.py "${VITS[@]}" --precision bf16 --schedules --drop-path 0.1 --uint8 \
