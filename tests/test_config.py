@@ -47,6 +47,7 @@ def test_default_tracking_store_is_absolute_sqlite_at_repo_root():
     ("train.epochs=abc", "train.epochs"),
     ("data.global_size=30", "data.global_size"),
     ("sweep.search=bayes", "sweep.search"),
+    ("sweep.scheduler=hyperband", "sweep.scheduler"),
     ("sweep.space.mask_ratio.high=1.2", "sweep.space.mask_ratio"),
 ])
 def test_invalid_values_raise_naming_the_key(override, key):
@@ -54,6 +55,16 @@ def test_invalid_values_raise_naming_the_key(override, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose([override])
+
+
+def test_early_stopping_needs_a_rung_before_the_last_epoch():
+    from rayssl.config import ConfigError
+
+    assert compose(["sweep.scheduler=asha_promotion", "sweep.grace_period=2", "train.epochs=3"]).sweep.grace_period == 2
+    compose(["sweep.grace_period=3", "train.epochs=3"])  # no scheduler, no rungs
+    for scheduler in ("asha", "asha_promotion"):
+        with pytest.raises(ConfigError, match=r"sweep\.grace_period"):
+            compose([f"sweep.scheduler={scheduler}", "sweep.grace_period=3", "train.epochs=3"])
 
 
 def test_cli_rejects_invalid_value_before_any_ray_work(tmp_path):

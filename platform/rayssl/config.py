@@ -180,6 +180,7 @@ class ExperimentConfig:
 
 
 SEARCH_TYPES = ("choice", "grid", "uniform", "loguniform", "randint")
+SCHEDULERS = ("none", "asha", "asha_promotion")
 
 
 def resolve_tracking_uri(uri: Optional[str]) -> str:
@@ -244,10 +245,13 @@ def validate(cfg: ExperimentConfig) -> None:
 
     _check(s.num_samples >= 1, "sweep.num_samples", "must be >= 1", s.num_samples)
     _check(s.search in ("random", "grid", "optuna"), "sweep.search", "must be random, grid or optuna", s.search)
-    _check(s.scheduler in ("none", "asha"), "sweep.scheduler", "must be none or asha", s.scheduler)
+    _check(s.scheduler in SCHEDULERS, "sweep.scheduler", f"must be one of {', '.join(SCHEDULERS)}", s.scheduler)
     _check(s.mode in ("max", "min"), "sweep.mode", "must be max or min", s.mode)
     _check(s.grace_period >= 1, "sweep.grace_period", "must be >= 1", s.grace_period)
     _check(s.reduction_factor >= 2, "sweep.reduction_factor", "must be >= 2", s.reduction_factor)
+    if s.scheduler != "none":
+        _check(s.grace_period < t.epochs, "sweep.grace_period",
+               f"must be < train.epochs ({t.epochs}) for an early-stopping scheduler", s.grace_period)
     _check(s.max_concurrent_trials >= 0, "sweep.max_concurrent_trials", "must be >= 0 (0: auto)", s.max_concurrent_trials)
     method_fields = {f.name for f in dataclasses.fields(MethodConfig)} - {"name"}
     for name, spec in s.space.items():

@@ -13,6 +13,30 @@ from rayssl.config import ExperimentConfig
 log = logging.getLogger("rayssl.sweep")
 
 
+def close_stopped_trials(cfg: ExperimentConfig, results, uri: str, run_ids: Dict[str, str]) -> int:
+    """Child runs of trials the scheduler stopped before ``train.epochs``: KILLED, not FAILED or RUNNING.
+
+    Stopping (or pausing) a trial kills its Train run, which leaves the run RUNNING or marks it
+    FAILED with an ``ActorDiedError``; the tag ``rayssl.stopped_early_at_epoch`` says what happened.
+    """
+    n = 0
+    for r in results:
+        metrics = r.metrics or {}
+        run_id = run_ids.get(metrics.get("trial_id"))
+        epoch = metrics.get("epoch")
+        if r.error is not None or run_id is None or epoch is None or epoch >= cfg.train.epochs:
+            continue
+        c = tracking.client(uri)
+        if tracking.ERROR_TAG in c.get_run(run_id).data.tags:
+            c.delete_tag(run_id, tracking.ERROR_TAG)
+        c.set_tag(run_id, "rayssl.stopped_early_at_epoch", int(epoch))
+        c.set_terminated(run_id, status="KILLED")
+        n += 1
+    if n:
+        log.info("%d trials stopped early by the scheduler (MLflow status KILLED)", n)
+    return n
+
+
 def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, parent: str) -> Dict[str, Any]:
     import matplotlib
 
@@ -38,6 +62,7 @@ def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, par
         run_ids[trial_id] = tracking.find_run(uri, exp_id, {tracking.TRIAL_TAG: trial_id,
                                                             tracking.SWEEP_TAG: parent})
     df = df.assign(mlflow_run_id=df["trial_id"].map(run_ids))
+    close_stopped_trials(cfg, results, uri, run_ids)
     cols = ["trial_id", "mlflow_run_id", *[f"config/{p}" for p in params if f"config/{p}" in df],
             metric, "epoch", "time_total_s"]
     table = df[[c for c in cols if c in df]].sort_values(metric, ascending=(mode == "min"))

@@ -20,6 +20,7 @@ import ray
 from ray import tune
 
 from rayssl import tracking
+from rayssl.schedulers import ActiveTrialGate, PromotionASHA
 from rayssl.config import ExperimentConfig, flat_params, from_dict, with_overrides
 from rayssl.trainer import build_trainer, data_spec, init_ray, trial_resources
 
@@ -69,9 +70,14 @@ def run_trial(config: Dict[str, Any], base: Dict[str, Any], experiment_id: str, 
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     uri = cfg.tracking_uri
     tags = {tracking.TRIAL_TAG: trial_id, tracking.SWEEP_TAG: parent_run_id, tracking.ROLE_TAG: "trial"}
-    run_id = tracking.find_run(uri, experiment_id, tags)  # a restarted trial continues its run
+    run_id = tracking.find_run(uri, experiment_id, tags)  # a restarted or resumed trial continues its run
     if run_id is None:
         run_id = tracking.create_run(uri, experiment_id, trial_name, tags=tags, parent_run_id=parent_run_id)
+    else:  # a pause or a lost driver killed it: it runs again
+        client = tracking.client(uri)
+        if tracking.ERROR_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, tracking.ERROR_TAG)
+        client.update_run(run_id, status="RUNNING")
     tracking.log_params(uri, run_id, {**config, **flat_params(cfg)})
     tracking.set_tags(uri, run_id, {"rayssl.trial_node_id": ray.get_runtime_context().get_node_id()})
 
@@ -124,12 +130,17 @@ def run_sweep(cfg: ExperimentConfig) -> Dict[str, Any]:
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=cfg.sweep.retry_failed)
     else:
+        sched = scheduler(cfg, concurrent)
+        search_alg = search_algorithm(cfg, concurrent)
+        if isinstance(sched, PromotionASHA):
+            # paused trials must not count against the concurrency limit: the scheduler's slots do
+            search_alg = ActiveTrialGate(search_algorithm(cfg, 0), sched)
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(cfg),
             tune_config=tune.TuneConfig(
                 metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
-                search_alg=search_algorithm(cfg, concurrent), scheduler=scheduler(cfg)),
+                search_alg=search_alg, scheduler=sched),
             run_config=tune.RunConfig(name=sweep_name, storage_path=cfg.storage_path),
         )
     try:
@@ -143,21 +154,30 @@ def run_sweep(cfg: ExperimentConfig) -> Dict[str, Any]:
 
 
 def search_algorithm(cfg: ExperimentConfig, max_concurrent: int):
+    """Random/grid or Optuna TPE; ``max_concurrent`` live trials (0: no limit)."""
     if cfg.sweep.search == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search import ConcurrencyLimiter, SearchGenerator
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=cfg.sweep.seed), max_concurrent=max_concurrent)
+        searcher = OptunaSearch(seed=cfg.sweep.seed)
+        if max_concurrent > 0:
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+        return SearchGenerator(searcher)
     from ray.tune.search import BasicVariantGenerator
 
     # Trials hold no CPU, so Tune's own resource accounting cannot limit them: this does.
     return BasicVariantGenerator(random_state=cfg.sweep.seed, max_concurrent=max_concurrent)
 
 
-def scheduler(cfg: ExperimentConfig):
-    if cfg.sweep.scheduler == "asha":
+def scheduler(cfg: ExperimentConfig, max_concurrent: int):
+    """``asha``: Ray's stopping ASHA; ``asha_promotion``: the paper's pausing ASHA (rayssl.schedulers)."""
+    s = cfg.sweep
+    if s.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
         return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
-                             grace_period=cfg.sweep.grace_period, reduction_factor=cfg.sweep.reduction_factor)
+                             grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if s.scheduler == "asha_promotion":
+        return PromotionASHA(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor, max_active=max_concurrent)
     return None

@@ -127,6 +127,11 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     if rank == 0:
         log.info("training %d steps (%d epochs x %d steps, global batch %d on %d workers, %s)",
                  total_steps, cfg.train.epochs, steps_per_epoch, global_batch, world, device)
+    if start_step >= total_steps and last_knn:
+        # Resumed from the final checkpoint (e.g. a trial paused right after its last epoch):
+        # nothing to train, but Tune must still see the last epoch's result.
+        report({"epoch": cfg.train.epochs, "step": step, **last_knn}, method, optimizer, step, run_id, rank,
+               world, last_knn, False, cfg)
     try:
         while step < total_steps:
             t0 = time.perf_counter()
