@@ -6,8 +6,11 @@ trials through ASHA on the per-epoch ``knn_top1``. Prints one JSON line: trial-e
 each sweep trained (epochs that reported ``knn_top1``, read back from MLflow), their
 ratio, and each sweep's best ``knn_top1``.
 
-    python experiments/bench_asha.py model=micro model.layerscale_init=null train.epochs=8 \
-        sweep.num_samples=8 sweep.grace_period=1 sweep.reduction_factor=2
+    python experiments/bench_asha.py --scheduler asha_promotion model=micro \
+        model.layerscale_init=null train.epochs=8 sweep.num_samples=8 sweep.max_concurrent_trials=2 \
+        sweep.grace_period=1 sweep.reduction_factor=2 data.synthetic_n_train=512 \
+        data.synthetic_n_eval=512 train.batch_size=32 train.log_every=8 train.system_metrics=false \
+        tracking.register_model_name=null
 
 ``--scheduler asha_promotion`` (before the overrides) compares the paper's pausing ASHA
 (rayssl.schedulers.PromotionASHA) instead of Ray's stopping ASHA; ``--only NAME`` runs one
