@@ -175,6 +175,7 @@ def main():
     ap.add_argument("--n-cifar", type=int, default=6000)
     ap.add_argument("--n-jpeg", type=int, default=256, help="generated 256 px JPEGs (rows per epoch)")
     ap.add_argument("--n-jpeg-ray", type=int, default=384, help="rows consumed in the Ray run (jpeg256)")
+    ap.add_argument("--cifar-batch", type=int, default=128, help="map_batch_size and iter batch size (cifar)")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
     cases = args.cases.split(",")
@@ -193,8 +194,9 @@ def main():
                 emit(case="cifar", skipped="shared CIFAR-10 not found (set DINOV3_CIFAR10_DIR)")
             else:
                 spec = DataSpec(name="parquet", path=str(pq_dir), global_size=32, local_size=16, n_local=6,
-                                num_actors=args.k, map_batch_size=128)
-                crop_case("cifar10_parquet_32_16", spec, pq_dir, args.k, 2048, args.n_cifar, 128, 50000, args.repeat)
+                                num_actors=args.k, map_batch_size=args.cifar_batch)
+                crop_case("cifar10_parquet_32_16", spec, pq_dir, args.k, 2048, args.n_cifar, args.cifar_batch, 50000,
+                          args.repeat)
         if "jpeg256" in cases:
             spec = DataSpec(name="parquet", path=str(jdir), global_size=224, local_size=96, n_local=8,
                             num_actors=args.k, map_batch_size=16)
