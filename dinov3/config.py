@@ -38,6 +38,7 @@ class DINOv3Config:
     layerscale_init: Optional[float] = 1e-5  # None = no LayerScale (vit_* only)
     pretrained: bool = False
     lean_mlp: bool = True  # fused, activation-lean MLP branch in fp32 training (dinov3.fused)
+    split_backward: bool = True  # one backward for the local crops, one for the globals (DINOv3.backward_parts)
     # ---- heads ----
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256

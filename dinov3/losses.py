@@ -83,7 +83,8 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> 
         return (lq + log_n_total).exp()
 
 
-def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
+def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float,
+              globals_first: bool = True, n_pairs: Optional[int] = None) -> torch.Tensor:
     """Cross-view DINO (CLS) loss.
 
     ``student_logits [S, B, K]``: crops ordered [global 0, global 1, local 0..n_l-1];
@@ -91,6 +92,10 @@ def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student
     Pairs: student global i vs teacher global j for i != j, every local vs both teacher
     globals; each term ``-sum_k p_t log_softmax(s / T_s)`` averaged over B; the sum over
     pairs is divided by the pair count ``2 + 2 * n_l``. Returns an fp32 scalar.
+
+    Partial sums (one backward per crop group): ``globals_first=False`` when
+    ``student_logits`` holds local crops only (no same-crop pair to drop), and ``n_pairs``
+    the pair count of the whole loss, so that the parts add up to it.
     """
     with _no_autocast(student_logits):
         n_s, b, _ = student_logits.shape
@@ -98,9 +103,12 @@ def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student
         logp = F.log_softmax(student_logits.float() / student_temp, dim=-1)
         # ce[s, t] = mean_b CE(student crop s, teacher crop t): one [S, B*K] x [B*K, T] matmul
         ce = -(logp.reshape(n_s, -1) @ teacher_probs.float().reshape(n_t, -1).T) / b
-        same_crop = torch.diagonal(ce[:n_t, :n_t]).sum()  # student global i vs teacher global i
-        n_pairs = n_s * n_t - n_t
-        return (ce.sum() - same_crop) / n_pairs
+        total = ce.sum()
+        if globals_first:
+            total = total - torch.diagonal(ce[:n_t, :n_t]).sum()  # student global i vs teacher global i
+        if n_pairs is None:
+            n_pairs = n_s * n_t - (n_t if globals_first else 0)
+        return total / n_pairs
 
 
 def ibot_loss(student_logits_masked: torch.Tensor, teacher_probs_masked: torch.Tensor, weights: torch.Tensor,

@@ -8,14 +8,16 @@ DDP: wrap the whole module (``DDP(method)``). Teacher and Gram snapshot paramete
 ``requires_grad=False`` so DDP ignores them. Every student parameter takes part in every
 forward (the mask token via ``torch.where`` even with no masked patch, the patch head
 on an empty batch when M == 0, the CLS head with or without locals, zero-weight losses
-are still added), so ``find_unused_parameters`` is not needed.
+are still added), so ``find_unused_parameters`` is not needed. A split step
+(:meth:`DINOv3.backward_parts`) runs its first part under ``DDP.no_sync()``; its last part
+reaches every student parameter (see ``forward``), so the all-reduce is complete.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -49,6 +51,19 @@ class DINOv3Output:
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class _StepTargets:
+    """One step's masks and teacher targets, shared by its ``"local"`` and ``"global"`` parts."""
+
+    masks: torch.Tensor  # bool [2B, P]
+    token_index: torch.Tensor  # [M] rows of the flattened [2B*T, D] tokens
+    weights: torch.Tensor  # [M] iBOT weights
+    masked_fraction: float
+    t_cls_probs: torch.Tensor  # [2, B, Kc]
+    t_patch_probs: torch.Tensor  # [M, Kp]
+    done: Dict[str, DINOv3Output] = field(default_factory=dict)  # the parts already run, by name
+
+
 class DINOv3(nn.Module):
     """DINOv3 self-distillation (recipe sections 1, 2, 4, 5: shared/design/recipe.md).
 
@@ -75,6 +90,7 @@ class DINOv3(nn.Module):
         self.schedules: Optional[Schedules] = None
         self.mask_generator: Optional[torch.Generator] = None  # created on first forward (seed + rank)
         self._gram_active = False
+        self._pending: Optional[_StepTargets] = None  # between the two parts of a split step
 
     # ---- structure -----------------------------------------------------------------
     @property
@@ -109,52 +125,118 @@ class DINOv3(nn.Module):
                               c.mask_max_block_frac)
 
     # ---- training forward ----------------------------------------------------------
-    def forward(self, global_crops: torch.Tensor, local_crops: Optional[torch.Tensor] = None,
-                masks: Optional[torch.Tensor] = None) -> DINOv3Output:
-        """``global_crops [B, 2, 3, G, G]``, ``local_crops [B, n_l, 3, L, L] | None`` (uint8, or
-        float already normalised); ``masks`` bool ``[2B, P]`` (crop-major) overrides the
-        generated masks (tests)."""
-        c = self.cfg
-        b, n_g = global_crops.shape[:2]
-        if n_g != 2:
-            raise ValueError(f"global_crops must hold 2 crops per image, got shape {tuple(global_crops.shape)}")
-        device = global_crops.device
-        g = self._to_float(global_crops).transpose(0, 1).flatten(0, 1)  # [2B, 3, G, G]
-        backbone = self.student["backbone"]
-        grid = backbone.grid_size(g.shape[-1])
-        n_patches = grid[0] * grid[1]
-        npt = backbone.num_prefix_tokens
-        n_tokens = npt + n_patches
+    def backward_parts(self, n_local: int) -> Tuple[str, ...]:
+        """The ``part`` values of one training step, each followed by its own backward.
 
+        ``("global", "local")`` splits the step's loss into the global crops' terms (DINO,
+        iBOT, KoLeo, Gram) and the local crops' DINO terms; the gradients add up to those of
+        ``("all",)`` while only one crop group's activations are alive at a time (about half
+        the student's activation memory). Globals first: their larger buffers, once freed,
+        hold the locals'.
+        """
+        return ("global", "local") if self.cfg.split_backward and n_local > 0 else ("all",)
+
+    def _targets(self, g: torch.Tensor, b: int, grid, masks: Optional[torch.Tensor]) -> _StepTargets:
+        """Masks of the student's global crops and the teacher's Sinkhorn targets (no grad)."""
+        c = self.cfg
+        device = g.device
+        n_patches = grid[0] * grid[1]
+        npt = self.num_prefix_tokens
         masks = self._masks(2 * b, grid) if masks is None else masks.cpu()
         # indices on CPU -> no device sync; gather rows of the flattened [2B*T, D] tokens
         patch_index, weights = masked_token_index(masks)
-        token_index = (patch_index // n_patches) * n_tokens + npt + patch_index % n_patches
+        token_index = (patch_index // n_patches) * (npt + n_patches) + npt + patch_index % n_patches
+        masked_fraction = patch_index.numel() / max(masks.numel(), 1)
         masks = masks.to(device, non_blocking=True)
         token_index = token_index.to(device, non_blocking=True)
         weights = weights.to(device, non_blocking=True)
-
-        # ---- teacher: unmasked global crops, eval mode, no grad ----
-        with torch.no_grad():
+        with torch.no_grad():  # teacher: unmasked global crops, eval mode
             t_tokens = self.teacher["backbone"](g)  # [2B, T, D]
             t_cls_logits = self.teacher["cls_head"](t_tokens[:, 0])  # [2B, Kc]
             t_patch_logits = self.teacher["patch_head"](t_tokens.flatten(0, 1).index_select(0, token_index))
-            t_cls_probs = sinkhorn_knopp(t_cls_logits, self.teacher_temp, c.sinkhorn_iterations)
+            t_cls_probs = sinkhorn_knopp(t_cls_logits, self.teacher_temp, c.sinkhorn_iterations).view(2, b, -1)
             t_patch_probs = sinkhorn_knopp(t_patch_logits, self.teacher_temp, c.sinkhorn_iterations)  # [M, Kp]
-            t_cls_probs = t_cls_probs.view(2, b, -1)
+        return _StepTargets(masks, token_index, weights, masked_fraction, t_cls_probs, t_patch_probs)
 
-        # ---- student: masked globals + locals; heads only on CLS and masked tokens ----
-        s_tokens = backbone(g, masks)  # [2B, T, D]
+    def forward(self, global_crops: torch.Tensor, local_crops: Optional[torch.Tensor] = None,
+                masks: Optional[torch.Tensor] = None, part: str = "all") -> DINOv3Output:
+        """``global_crops [B, 2, 3, G, G]``, ``local_crops [B, n_l, 3, L, L] | None`` (uint8, or
+        float already normalised); ``masks`` bool ``[2B, P]`` (crop-major) overrides the
+        generated masks (tests).
+
+        ``part`` (see :meth:`backward_parts`): ``"all"``, the whole step's loss; ``"global"``
+        or ``"local"``, that crop group's loss terms, the two called in turn on the same batch.
+        The first computes the masks and teacher targets and keeps them for the second; the
+        second returns the whole step's detached loss terms and metrics.
+        """
+        c = self.cfg
+        if part not in ("all", "local", "global"):
+            raise ValueError(f"part must be 'all', 'local' or 'global', got {part!r}")
+        b, n_g = global_crops.shape[:2]
+        if n_g != 2:
+            raise ValueError(f"global_crops must hold 2 crops per image, got shape {tuple(global_crops.shape)}")
+        n_local = local_crops.shape[1] if local_crops is not None else 0
+        if part == "local" and n_local == 0:
+            raise ValueError("part='local' needs local crops")
+        n_pairs = 2 + 2 * n_local  # DINO pairs of the whole step
+        g = self._to_float(global_crops).transpose(0, 1).flatten(0, 1)  # [2B, 3, G, G]
+        backbone = self.student["backbone"]
+        first = part == "all" or self._pending is None
+        if first:
+            grid = backbone.grid_size(g.shape[-1])
+            targets = self._targets(g, b, grid, masks)
+        else:
+            targets, self._pending = self._pending, None
+            if part in targets.done:
+                raise RuntimeError(f"part={part!r} twice in one step")
+
+        out = None
+        if part in ("all", "global"):
+            out = self._global_terms(g, b, local_crops if part == "all" else None, targets, n_pairs)
+        if part == "local":
+            loc = self._to_float(local_crops).transpose(0, 1).flatten(0, 1)  # [n_l*B, 3, L, L]
+            s_cls_logits = self.student["cls_head"](backbone(loc)[:, 0]).view(n_local, b, c.n_cls_prototypes)
+            loss_cls = dino_loss(s_cls_logits, targets.t_cls_probs, c.temperature_student, globals_first=False,
+                                 n_pairs=n_pairs)
+            loss = c.dino_weight * loss_cls
+            if not first:
+                # DDP all-reduces on the step's last backward, which must reach every student
+                # parameter: the ones only the global crops use join with weight 0.
+                unused = [backbone.mask_token, *self.student["patch_head"].parameters()]
+                loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in unused)
+            zero = loss_cls.new_zeros(())
+            out = DINOv3Output(loss=loss, loss_cls=loss_cls.detach(), loss_patch=zero, loss_koleo=zero,
+                               loss_gram=zero)
+        if part == "all":
+            return out
+        if first:  # keep the targets and this part's terms for the other part
+            targets.done[part] = out
+            self._pending = targets
+            return out
+        # the second part: this part's graph, the whole step's detached terms
+        other = next(iter(targets.done.values()))
+        glob = other if part == "local" else out
+        return DINOv3Output(loss=out.loss, loss_cls=other.loss_cls + out.loss_cls, loss_patch=glob.loss_patch,
+                            loss_koleo=glob.loss_koleo, loss_gram=glob.loss_gram, metrics=glob.metrics)
+
+    def _global_terms(self, g: torch.Tensor, b: int, local_crops: Optional[torch.Tensor], targets: _StepTargets,
+                      n_pairs: int) -> DINOv3Output:
+        """Student on the masked global crops (+ ``local_crops`` when given: the whole step):
+        DINO, iBOT, KoLeo (and Gram) terms; heads only on CLS and masked tokens."""
+        c = self.cfg
+        backbone = self.student["backbone"]
+        npt = backbone.num_prefix_tokens
+        s_tokens = backbone(g, targets.masks)  # [2B, T, D]
         s_cls = [s_tokens[:, 0]]
         if local_crops is not None and local_crops.shape[1] > 0:
             loc = self._to_float(local_crops).transpose(0, 1).flatten(0, 1)  # [n_l*B, 3, L, L]
             s_cls.append(backbone(loc)[:, 0])
         s_cls_g = s_cls[0]
-        s_cls_logits = self.student["cls_head"](torch.cat(s_cls)).view(-1, b, c.n_cls_prototypes)  # [2+n_l, B, Kc]
-        s_patch_logits = self.student["patch_head"](s_tokens.flatten(0, 1).index_select(0, token_index))  # [M, Kp]
+        s_cls_logits = self.student["cls_head"](torch.cat(s_cls)).view(-1, b, c.n_cls_prototypes)  # [2(+n_l), B, Kc]
+        s_patch_logits = self.student["patch_head"](s_tokens.flatten(0, 1).index_select(0, targets.token_index))
 
-        loss_cls = dino_loss(s_cls_logits, t_cls_probs, c.temperature_student)
-        loss_patch = ibot_loss(s_patch_logits, t_patch_probs, weights, 2 * b, c.temperature_student)
+        loss_cls = dino_loss(s_cls_logits, targets.t_cls_probs, c.temperature_student, n_pairs=n_pairs)
+        loss_patch = ibot_loss(s_patch_logits, targets.t_patch_probs, targets.weights, 2 * b, c.temperature_student)
         # per global crop, never pooled across the two crops of one image
         loss_koleo = koleo_loss(s_cls_g[:b]) + koleo_loss(s_cls_g[b:])
         loss = c.dino_weight * loss_cls + c.ibot_weight * loss_patch + c.koleo_weight * loss_koleo
@@ -166,6 +248,7 @@ class DINOv3(nn.Module):
         else:
             loss_gram = loss.new_zeros(())
 
+        t_cls_probs, t_patch_probs = targets.t_cls_probs, targets.t_patch_probs
         with torch.no_grad():
             metrics = {
                 "teacher_entropy": entropy(t_cls_probs.flatten(0, 1)),
@@ -174,7 +257,7 @@ class DINOv3(nn.Module):
                 "kl_student_teacher": kl_student_teacher(s_cls_logits[:2].flatten(0, 1), t_cls_probs.flatten(0, 1),
                                                          c.temperature_student),
                 "cls_std": embedding_std(s_cls_g),
-                "masked_fraction": torch.tensor(patch_index.numel() / max(masks.numel(), 1), device=device),
+                "masked_fraction": torch.tensor(targets.masked_fraction, device=g.device),
             }
         return DINOv3Output(loss=loss, loss_cls=loss_cls.detach(), loss_patch=loss_patch.detach(),
                             loss_koleo=loss_koleo.detach(), loss_gram=loss_gram.detach(), metrics=metrics)

@@ -65,6 +65,8 @@ def main() -> None:
     p.add_argument("--drop-path", type=float, default=0.0)
     p.add_argument("--no-ema", action="store_true", help="skip EMA teacher update")
     p.add_argument("--no-clip", action="store_true", help="skip per-module gradient clipping")
+    p.add_argument("--no-split-backward", action="store_true",
+                   help="one backward for all crops (default: locals, then globals; same gradients)")
     p.add_argument("--schedules", action="store_true", help="recipe lr/wd schedules instead of fixed lr")
     p.add_argument("--uint8", action="store_true", help="feed uint8 crops (normalised inside)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
@@ -94,7 +96,7 @@ def main() -> None:
         n_register_tokens=args.registers, drop_path_rate=args.drop_path,
         head_hidden_dim=args.hidden, head_bottleneck_dim=args.bottleneck,
         n_cls_prototypes=args.n_cls_prototypes, n_patch_prototypes=args.n_patch_prototypes,
-        mask_strategy=args.mask_strategy, mask_seed=args.seed,
+        mask_strategy=args.mask_strategy, mask_seed=args.seed, split_backward=not args.no_split_backward,
     )
     model = build_method(cfg)
     model.configure(total_steps=100, steps_per_epoch=10, global_batch_size=args.batch)
@@ -135,6 +137,24 @@ def main() -> None:
     forward = torch.compile(model) if args.compile == "model" else model
     if args.compile == "backbone":
         model.compile()
+    def forward_backward(gl, lo):
+        """Forward and backward of one step, part by part as rayssl/train.py runs them.
+        Returns (the last part's output, forward seconds, backward seconds)."""
+        t_fwd = t_bwd = 0.0
+        loss = 0.0
+        for part in model.backward_parts(0 if lo is None else lo.shape[1]):
+            t0 = time.perf_counter()
+            with autocast():
+                o = forward(gl, lo, part=part)
+            sync()
+            t1 = time.perf_counter()
+            o.loss.backward()
+            sync()
+            t_fwd, t_bwd = t_fwd + t1 - t0, t_bwd + time.perf_counter() - t1
+            loss = loss + o.loss.detach()
+        o.loss = loss  # the step's whole loss (the parts add up to it), for the report
+        return o, t_fwd, t_bwd
+
     times, cpu_times, losses = [], [], []
     phase = {"fwd": [], "bwd": [], "opt": [], "ema": []}
     out = None
@@ -144,12 +164,8 @@ def main() -> None:
         t = time.perf_counter()
         c = time.process_time()
         hp = model.apply_schedules(opt, step) if args.schedules else {"momentum": 0.996}
-        with autocast():
-            out = forward(gl, lo)
-        sync()
-        t1 = time.perf_counter()
-        out.loss.backward()
-        sync()
+        out, t_fwd, t_bwd = forward_backward(gl, lo)
+        t1 = t + t_fwd
         t2 = time.perf_counter()
         if not args.no_clip:
             model.clip_gradients()
@@ -176,9 +192,7 @@ def main() -> None:
         with profile(activities=acts) as prof:
             for _ in range(3):
                 gl, lo = batch()
-                with autocast():
-                    o = forward(gl, lo)
-                o.loss.backward()
+                forward_backward(gl, lo)
                 if not args.no_clip:
                     model.clip_gradients()
                 opt.step()
@@ -205,6 +219,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "ema": not args.no_ema,
         "clip": not args.no_clip,
+        "split_backward": not args.no_split_backward,
         "mask_strategy": args.mask_strategy,
         "precision": "bf16-autocast" if use_bf16 else "fp32",
         "compile": args.compile,
@@ -247,8 +262,11 @@ def mfu_estimate(model, batch, autocast, s_per_step: float, gpu_name: str) -> di
 
     gl, lo = batch()
     counter = FlopCounterMode(display=False)
-    with counter, autocast():
-        model(gl, lo).loss.backward()
+    with counter:
+        for part in model.backward_parts(0 if lo is None else lo.shape[1]):
+            with autocast():
+                out = model(gl, lo, part=part)
+            out.loss.backward()
     model.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu_name), None)

@@ -1,5 +1,7 @@
 """DINOv3 module end to end on micro models (depth 2, width 64, 32 px, patch 8 -> 16 patches)."""
 
+import contextlib
+import copy
 import os
 import socket
 
@@ -149,6 +151,36 @@ def test_gram_anchoring_snapshot_schedule():
     assert all(not p.requires_grad for p in m.gram_teacher.parameters())
 
 
+@pytest.mark.parametrize("backbone", FAMILIES)
+def test_split_backward_gives_the_gradients_of_one_backward(backbone):
+    # "global" then "local" (or the other way round), each with its own backward, against
+    # "all" with one backward: same masks and teacher targets -> same terms, same gradients.
+    torch.manual_seed(0)
+    a = build_method({**MICRO, "backbone": backbone, "drop_path_rate": 0.0})
+    glob, loc = crops(b=4, n_local=3)
+    masks = torch.zeros(8, 16, dtype=torch.bool)
+    masks[0, :5] = masks[3, 2:12] = masks[6, ::2] = True  # unequal counts, some crops unmasked
+    assert a.backward_parts(3) == ("global", "local") and a.backward_parts(0) == ("all",)
+    whole = a(glob, loc, masks=masks)
+    whole.loss.backward()
+    for order in (("global", "local"), ("local", "global")):
+        b = copy.deepcopy(a)
+        b.zero_grad(set_to_none=True)
+        first = b(glob, loc, masks=masks, part=order[0])
+        first.loss.backward()
+        last = b(glob, loc, part=order[1])
+        last.loss.backward()
+        for name in ("loss_cls", "loss_patch", "loss_koleo"):
+            torch.testing.assert_close(getattr(last, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+        assert set(last.metrics) == set(whole.metrics)
+        torch.testing.assert_close(first.loss + last.loss, whole.loss, rtol=1e-5, atol=1e-6)
+        for (name, pa), (_, pb) in zip(a.student.named_parameters(), b.student.named_parameters()):
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6, msg=name)
+    b(glob, loc, part="local")
+    with pytest.raises(RuntimeError, match="twice in one step"):
+        b(glob, loc, part="local")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -168,9 +200,13 @@ def _ddp_worker(rank, world, port, out_dir):
         for step in range(3):  # DDP reports unused parameters on the step after they occur
             hp = method.apply_schedules(opt, step)
             glob, loc = crops(b=2, n_local=2 if step != 1 else 0, seed=10 * step + rank)
-            out = model(glob, loc if step != 1 else None)
+            local = loc if step != 1 else None
             opt.zero_grad()
-            out.loss.backward()
+            parts = method.backward_parts(0 if local is None else local.shape[1])
+            for i, part in enumerate(parts):  # as rayssl/train.py: all-reduce on the last backward only
+                with model.no_sync() if i < len(parts) - 1 else contextlib.nullcontext():
+                    out = model(glob, local, part=part)
+                    out.loss.backward()
             method.clip_gradients()
             opt.step()
             method.update_teacher(hp["momentum"])

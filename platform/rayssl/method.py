@@ -44,6 +44,9 @@ class SSLMethod(Protocol):
 
     def compile(self) -> None: ...  # train.compile: nn.Module.compile, or the method's own override
 
+    # Optional: ``backward_parts(n_local) -> tuple of str``. The train loop then calls
+    # ``forward(..., part=p)`` and backward once per part, in order (see method_parts).
+
 
 def _resolve(name: str):
     target = METHODS.get(name, name)
@@ -62,6 +65,15 @@ def build_method(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
     if missing:
         raise TypeError(f"method {name!r} lacks {', '.join(missing)} (see rayssl.method.SSLMethod)")
     return method
+
+
+def method_parts(method: torch.nn.Module, local_crops: Optional[torch.Tensor]) -> tuple:
+    """The ``part=`` values of one step (``method.backward_parts``), or ``(None,)``: one forward
+    and one backward without a ``part`` argument."""
+    parts = getattr(method, "backward_parts", None)
+    if parts is None:
+        return (None,)
+    return tuple(parts(0 if local_crops is None else local_crops.shape[1]))
 
 
 def loss_terms(output: Any) -> Dict[str, torch.Tensor]:

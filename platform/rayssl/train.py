@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from rayssl.config import ExperimentConfig, from_dict
-from rayssl.method import build_method, knn_classify, loss_terms
+from rayssl.method import build_method, knn_classify, loss_terms, method_parts
 from rayssl.tracking import MetricLogger, set_tags
 
 log = logging.getLogger("rayssl.train")
@@ -145,12 +145,23 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             fault.maybe_kill(step)
 
             hparams = method.apply_schedules(optimizer, step)
-            with autocast():
-                out = model(batch["global"], batch["local"] if batch["local"].shape[1] > 0 else None)
-            terms = loss_terms(out)
-            values = check_finite(terms, step)  # one host sync per step: also the NaN guard
+            local = batch["local"] if batch["local"].shape[1] > 0 else None
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            # A method may split its loss into parts, each with its own backward (less activation
+            # memory); DDP all-reduces on the last one. The last part's output holds the step's terms.
+            parts = method_parts(method, local)
+            loss_sum = 0.0
+            for i, part in enumerate(parts):
+                no_sync = model.no_sync() if world > 1 and i < len(parts) - 1 else contextlib.nullcontext()
+                with no_sync:
+                    with autocast():
+                        out = model(batch["global"], local) if part is None else \
+                            model(batch["global"], local, part=part)
+                    loss_sum = loss_sum + out.loss.detach()  # the parts add up to the step's loss
+                    if i == len(parts) - 1:
+                        terms = {**loss_terms(out), "loss": loss_sum}
+                        values = check_finite(terms, step)  # one host sync per step: also the NaN guard
+                    out.loss.backward()
             grad_norms = method.clip_gradients()
             optimizer.step()
             method.update_teacher(hparams["momentum"])
