@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -57,7 +57,7 @@ class PromotionASHA(FIFOScheduler):
         self.rungs: List[Dict[str, float]] = [{} for _ in self.milestones]  # trial id -> score (higher is better)
         self.promoted: List[Set[str]] = [set() for _ in self.milestones]
         self.paused_at: Dict[str, int] = {}  # trial id -> rung index it waits at
-        self._trials: Optional[callable] = None  # tune_controller.get_trials, once Tune calls us
+        self._trials: Optional[Callable[[], List[Trial]]] = None  # tune_controller.get_trials, once Tune calls us
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
         self._metric = self._metric or metric
