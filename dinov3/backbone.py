@@ -24,7 +24,8 @@ from timm.layers import DropPath
 from timm.models.eva import Eva, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from dinov3.fused import attn_branch_supported, mlp_branch_supported, residual_attention, residual_mlp
+from dinov3 import fused
+from dinov3.fused import attn_branch_supported, matmul_attention, mlp_branch_supported, residual_attention, residual_mlp
 
 
 def is_dinov3_family(name: str) -> bool:
@@ -88,8 +89,8 @@ class MaskableViT(nn.Module):
         self.vit = vit
         # fused residual-MLP branch (dinov3.fused) where the block layout allows it
         self.lean_blocks = [lean_mlp and type(b) in (Block, EvaBlock) and mlp_branch_supported(b) for b in vit.blocks]
-        self.lean_attn = [lean and type(b) is Block and attn_branch_supported(b) for lean, b in
-                          zip(self.lean_blocks, vit.blocks)]
+        self.lean_attn_ok = [type(b) is Block and attn_branch_supported(b) for b in vit.blocks]
+        self.lean_attn = [lean and ok for lean, ok in zip(self.lean_blocks, self.lean_attn_ok)]
         self.embed_dim: int = vit.embed_dim
         self.num_prefix_tokens: int = vit.num_prefix_tokens  # CLS + registers
         self.num_register_tokens: int = self.num_prefix_tokens - 1
@@ -129,12 +130,16 @@ class MaskableViT(nn.Module):
             x = vit.patch_drop(x)
             x = vit.norm_pre(x)
             rope, mixed = None, False
-        lean = (torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled(x.device.type))
+        cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        lean = torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64) and not cpu_autocast
+        short = x.shape[1] <= fused.MATH_ATTENTION_MAX_TOKENS
         for i, blk in enumerate(vit.blocks):
             r = rope[i] if mixed else rope
             if lean and self.lean_blocks[i]:
                 x = self._lean_block(i, blk, x, r)
+            elif cpu_autocast and short and self.lean_attn_ok[i]:
+                x = x + blk.drop_path1(blk.ls1(matmul_attention(blk.attn, blk.norm1(x))))
+                x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
             else:
                 x = blk(x, rope=r) if self.is_eva else blk(x)
         return vit.norm(x)

@@ -248,7 +248,7 @@ def main() -> None:
         res["images_per_s"] = round(args.batch / med, 1)
         res["peak_cuda_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         res["gpu"] = torch.cuda.get_device_name()
-        res.update(mfu_estimate(model, batch, autocast, med, res["gpu"]))
+    res.update(mfu_estimate(model, batch, autocast, med, res.get("gpu", "")))
     s = json.dumps(res)
     print(s)
     if args.json:
