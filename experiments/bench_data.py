@@ -12,6 +12,8 @@ For cifar/jpeg256: (a) decode + multi-crop in this process on one core (the exac
 Ray actors run: rayssl.data.pipeline.MultiCropWorker), images/s; (b) build_train_dataset with
 k actors on a k-CPU Ray instance, consumed through iter_torch_batches, images/s after the
 first batch (steady state; startup reported separately); efficiency = b / (k * a).
+Also (c): the loop of (a) in k plain processes at once, no Ray: c / (k * a) is what this
+machine's k cores give the code when all are busy, so b / c is what Ray itself keeps.
 """
 
 from __future__ import annotations
@@ -61,26 +63,58 @@ def jpeg256_dir(work: Path, n: int) -> Path:
     return out
 
 
-def bench_single(spec: DataSpec, path: Path, n: int) -> float:
-    """(a): decode + multi-crop of n rows in this process, one thread."""
+def _single_run(spec_dict: dict, path: str, n: int, barrier=None):
+    """Decode + multi-crop of n rows in this process, one thread -> (start, end, rows).
+    With a barrier, the timed loop starts when all k processes are ready."""
     import pyarrow.parquet as pq
     import torch
 
     from rayssl.data.pipeline import MultiCropWorker
 
-    files = sorted((path / "train").glob("*.parquet"))
+    files = sorted((Path(path) / "train").glob("*.parquet"))
     t = pq.read_table(files[0], columns=["image", "key"]).slice(0, n)
     images = np.array(t.column("image").to_pylist(), dtype=object)
     keys = np.array(t.column("key").to_pylist(), dtype=object)
-    worker = MultiCropWorker(spec.to_dict(), seed=0)
+    worker = MultiCropWorker(spec_dict, seed=0)
     torch.set_num_threads(1)
-    bs = spec.map_batch_size
+    bs = spec_dict["map_batch_size"]
     worker({"image": images[:bs], "key": keys[:bs], "epoch": np.zeros(bs, np.int64)})  # warm-up
+    if barrier is not None:
+        barrier.wait()
     t0 = time.perf_counter()
     for s in range(0, len(images), bs):
         sl = slice(s, s + bs)
         worker({"image": images[sl], "key": keys[sl], "epoch": np.zeros(len(images[sl]), np.int64)})
-    return len(images) / (time.perf_counter() - t0)
+    return t0, time.perf_counter(), len(images)
+
+
+def bench_single(spec: DataSpec, path: Path, n: int) -> float:
+    """(a): decode + multi-crop of n rows in this process, one thread; images/s."""
+    t0, t1, rows = _single_run(spec.to_dict(), str(path), n)
+    return rows / (t1 - t0)
+
+
+def _parallel_child(spec_dict, path, n, barrier, queue):
+    queue.put(_single_run(spec_dict, path, n, barrier))
+
+
+def bench_plain_parallel(spec: DataSpec, path: Path, n: int, k: int) -> float:
+    """The same loop as (a) in k plain processes at once (no Ray): images/s together. What
+    k cores give this code on this machine when all are busy (shared caches, memory
+    bandwidth, clocks): the ceiling for (b)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(k), ctx.Queue()
+    procs = [ctx.Process(target=_parallel_child, args=(spec.to_dict(), str(path), n, barrier, queue))
+             for _ in range(k)]
+    for p in procs:
+        p.start()
+    runs = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    start, end = min(r[0] for r in runs), max(r[1] for r in runs)
+    return sum(r[2] for r in runs) / (end - start)
 
 
 def bench_ray(spec: DataSpec, n: int, batch_size: int, n_train: int) -> dict:
@@ -121,17 +155,21 @@ def load_avg() -> float:
 
 
 def crop_case(name, spec, path, k, n_single, n_ray, batch_size, n_train, repeat):
-    a_runs, b_runs = [], []
+    a_runs, b_runs, c_runs = [], [], []
     for _ in range(repeat):  # interleaved, best of `repeat` (the machine may be shared)
         a_runs.append(bench_single(spec, path, n_single))
         b_runs.append(bench_ray(spec, n_ray, batch_size, n_train))
-    a = max(a_runs)
+        c_runs.append(bench_plain_parallel(spec, path, n_single, k))
+    a, c = max(a_runs), max(c_runs)
     b = max(b_runs, key=lambda r: r["images_per_s"])
     emit(case=name, k=k, global_size=spec.global_size, local_size=spec.local_size, n_local=spec.n_local,
          single_images_per_s_per_core=round(a, 1), ray_images_per_s=round(b["images_per_s"], 1),
          ray_total_images_per_s=round(b["total_images_per_s"], 1), ray_startup_s=b["startup_s"],
          rows=b["rows"], efficiency=round(b["images_per_s"] / (k * a), 3),
+         plain_parallel_images_per_s=round(c, 1), plain_parallel_efficiency=round(c / (k * a), 3),
+         ray_vs_plain_parallel=round(b["images_per_s"] / c, 3),
          all_single=[round(x, 1) for x in a_runs], all_ray=[round(r["images_per_s"], 1) for r in b_runs],
+         all_plain_parallel=[round(x, 1) for x in c_runs],
          load_avg=load_avg())
 
 
