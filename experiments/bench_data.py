@@ -14,6 +14,8 @@ k actors on a k-CPU Ray instance, consumed through iter_torch_batches, images/s 
 first batch (steady state; startup reported separately); efficiency = b / (k * a).
 Also (c): the loop of (a) in k plain processes at once, no Ray: c / (k * a) is what this
 machine's k cores give the code when all are busy, so b / c is what Ray itself keeps.
+``ray_cores`` splits the k cores over (b)'s window: the actors, the driver (the consumer and
+Ray Data's executor), and everything else (raylet, GCS, helper actors).
 """
 
 from __future__ import annotations
@@ -117,9 +119,36 @@ def bench_plain_parallel(spec: DataSpec, path: Path, n: int, k: int) -> float:
     return sum(r[2] for r in runs) / (end - start)
 
 
+def cpu_seconds() -> dict:
+    """CPU seconds (user + system) of every process on this machine, by pid -> (s, cmdline)."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["cmdline", "name"]):
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (t.user + t.system, " ".join(p.info["cmdline"] or []) or p.info["name"] or "")
+        except (psutil.Error, OSError):
+            pass
+    return out
+
+
+def cores_used(before: dict, after: dict, wall_s: float) -> dict:
+    """Where the CPUs went between two cpu_seconds() snapshots, in cores: the multi-crop
+    actors, this driver (iter_torch_batches and Ray Data's executor), everything else
+    (raylet, GCS, Ray Data's helper actors, the OS)."""
+    used = {"actors": 0.0, "driver": 0.0, "other": 0.0}
+    for pid, (cpu, cmd) in after.items():
+        d = cpu - before.get(pid, (0.0, ""))[0]
+        kind = "driver" if pid == os.getpid() else "actors" if "MapWorker" in cmd else "other"
+        used[kind] += max(d, 0.0)
+    return {k: round(v / wall_s, 3) for k, v in used.items()}
+
+
 def bench_ray(spec: DataSpec, n: int, batch_size: int, n_train: int) -> dict:
     """(b): through Ray Data + iter_torch_batches. Steady state: images/s between the
-    (n/4)-th and the n-th row (startup and the first prefetched batches excluded)."""
+    (n/4)-th and the n-th row (startup and the first prefetched batches excluded), and
+    the cores each kind of process used over that window."""
     from rayssl.data import build_train_dataset
 
     t0 = time.perf_counter()
@@ -133,11 +162,12 @@ def bench_ray(spec: DataSpec, n: int, batch_size: int, n_train: int) -> dict:
         assert b["global"].dtype == torch_uint8()
         rows += len(b["epoch"])
         if mark is None and rows >= n // 4:
-            mark = (rows, now)
+            mark = (rows, now, cpu_seconds())
         if rows >= n:
             break
     t_end = time.perf_counter()
-    return {"rows": rows, "startup_s": round(t_first - t0, 2),
+    cores = cores_used(mark[2], cpu_seconds(), t_end - mark[1])
+    return {"rows": rows, "startup_s": round(t_first - t0, 2), "cores": cores,
             "images_per_s": (rows - mark[0]) / (t_end - mark[1]), "total_images_per_s": rows / (t_end - t0)}
 
 
@@ -167,7 +197,7 @@ def crop_case(name, spec, path, k, n_single, n_ray, batch_size, n_train, repeat)
          ray_total_images_per_s=round(b["total_images_per_s"], 1), ray_startup_s=b["startup_s"],
          rows=b["rows"], efficiency=round(b["images_per_s"] / (k * a), 3),
          plain_parallel_images_per_s=round(c, 1), plain_parallel_efficiency=round(c / (k * a), 3),
-         ray_vs_plain_parallel=round(b["images_per_s"] / c, 3),
+         ray_vs_plain_parallel=round(b["images_per_s"] / c, 3), ray_cores=b["cores"],
          all_single=[round(x, 1) for x in a_runs], all_ray=[round(r["images_per_s"], 1) for r in b_runs],
          all_plain_parallel=[round(x, 1) for x in c_runs],
          load_avg=load_avg())
@@ -213,7 +243,9 @@ def main():
     ap.add_argument("--n-cifar", type=int, default=6000)
     ap.add_argument("--n-jpeg", type=int, default=256, help="generated 256 px JPEGs (rows per epoch)")
     ap.add_argument("--n-jpeg-ray", type=int, default=384, help="rows consumed in the Ray run (jpeg256)")
-    ap.add_argument("--cifar-batch", type=int, default=128, help="map_batch_size and iter batch size (cifar)")
+    ap.add_argument("--cifar-batch", type=int, default=128, help="iter_torch_batches batch size (cifar)")
+    ap.add_argument("--cifar-map-batch", type=int, default=512,
+                    help="map_batch_size (cifar), as conf/data/cifar10.yaml")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
     cases = args.cases.split(",")
@@ -224,6 +256,10 @@ def main():
 
     src, pq_dir = cifar_dirs(work) if ("cifar" in cases or "read" in cases) else (None, None)
     jdir = jpeg256_dir(work, args.n_jpeg) if "jpeg256" in cases else None
+    # Workers start from the raylet's environment: let them import this checkout's packages
+    # even where it is not pip-installed.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), str(REPO / "platform")] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     ray.init(num_cpus=args.k, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
@@ -232,7 +268,7 @@ def main():
                 emit(case="cifar", skipped="shared CIFAR-10 not found (set DINOV3_CIFAR10_DIR)")
             else:
                 spec = DataSpec(name="parquet", path=str(pq_dir), global_size=32, local_size=16, n_local=6,
-                                num_actors=args.k, map_batch_size=args.cifar_batch)
+                                num_actors=args.k, map_batch_size=args.cifar_map_batch)
                 crop_case("cifar10_parquet_32_16", spec, pq_dir, args.k, 2048, args.n_cifar, args.cifar_batch, 50000,
                           args.repeat)
         if "jpeg256" in cases:
