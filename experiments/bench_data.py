@@ -200,6 +200,10 @@ def crop_case(name, spec, path, k, n_single, n_ray, batch_size, n_train, repeat)
          ray_vs_plain_parallel=round(b["images_per_s"] / c, 3), ray_cores=b["cores"],
          all_single=[round(x, 1) for x in a_runs], all_ray=[round(r["images_per_s"], 1) for r in b_runs],
          all_plain_parallel=[round(x, 1) for x in c_runs],
+         # a, b and c of one repeat run minutes apart at most: on a shared host these pairs
+         # drift less than the best-of figures above
+         efficiency_per_repeat=[round(r["images_per_s"] / (k * x), 3) for r, x in zip(b_runs, a_runs)],
+         ray_vs_plain_parallel_per_repeat=[round(r["images_per_s"] / x, 3) for r, x in zip(b_runs, c_runs)],
          load_avg=load_avg())
 
 
