@@ -70,8 +70,8 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> 
             n_total = torch.tensor([float(logits.shape[0])], device=logits.device, dtype=torch.float64)
             dist.all_reduce(n_total)
             log_n_total = n_total.clamp_min(1.0).log().float()
-        else:
-            log_n_total = math.log(max(logits.shape[0], 1))
+        else:  # a tensor, not math.log(N): a compiled graph would specialise on N (masked-token count)
+            log_n_total = torch.full((), logits.shape[0], dtype=torch.float32, device=logits.device).clamp_min(1.0).log()
 
         lq = logits.float() / temp  # log Q^T: [N, K]
         lq = lq - _global_logsumexp(lq, None, distributed)  # Q /= Q.sum()

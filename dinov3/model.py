@@ -58,7 +58,7 @@ class _StepTargets:
     masks: torch.Tensor  # bool [2B, P]
     token_index: torch.Tensor  # [M] rows of the flattened [2B*T, D] tokens
     weights: torch.Tensor  # [M] iBOT weights
-    masked_fraction: float
+    masked_fraction: torch.Tensor  # scalar, on the device
     t_cls_probs: torch.Tensor  # [2, B, Kc]
     t_patch_probs: torch.Tensor  # [M, Kp]
     done: Dict[str, DINOv3Output] = field(default_factory=dict)  # the parts already run, by name
@@ -136,20 +136,35 @@ class DINOv3(nn.Module):
         """
         return ("global", "local") if self.cfg.split_backward and n_local > 0 else ("all",)
 
+    @torch.compiler.disable
+    def _mask_plan(self, n_crops: int, grid, npt: int, masks: Optional[torch.Tensor]):
+        """Masks of the student's global crops and the rows of their masked tokens, on the CPU.
+
+        -> ``(masks bool [2B, P], token_index long [M], weights float [M], masked_fraction [])``.
+        Host-side work (numpy, a stateful generator) outside any ``torch.compile`` graph;
+        ``M`` varies step to step, so it is marked dynamic (one graph for every count) and
+        the masked fraction is a tensor, not a Python float a graph would specialise on.
+        """
+        n_patches = grid[0] * grid[1]
+        masks = self._masks(n_crops, grid) if masks is None else masks.cpu()
+        # indices on CPU -> no device sync; gather rows of the flattened [2B*T, D] tokens
+        patch_index, weights = masked_token_index(masks)
+        token_index = (patch_index // n_patches) * (npt + n_patches) + npt + patch_index % n_patches
+        masked_fraction = torch.tensor(patch_index.numel() / max(masks.numel(), 1), dtype=torch.float32)
+        torch._dynamo.maybe_mark_dynamic(token_index, 0)
+        torch._dynamo.maybe_mark_dynamic(weights, 0)
+        return masks, token_index, weights, masked_fraction
+
     def _targets(self, g: torch.Tensor, b: int, grid, masks: Optional[torch.Tensor]) -> _StepTargets:
         """Masks of the student's global crops and the teacher's Sinkhorn targets (no grad)."""
         c = self.cfg
         device = g.device
-        n_patches = grid[0] * grid[1]
         npt = self.num_prefix_tokens
-        masks = self._masks(2 * b, grid) if masks is None else masks.cpu()
-        # indices on CPU -> no device sync; gather rows of the flattened [2B*T, D] tokens
-        patch_index, weights = masked_token_index(masks)
-        token_index = (patch_index // n_patches) * (npt + n_patches) + npt + patch_index % n_patches
-        masked_fraction = patch_index.numel() / max(masks.numel(), 1)
+        masks, token_index, weights, masked_fraction = self._mask_plan(2 * b, grid, npt, masks)
         masks = masks.to(device, non_blocking=True)
         token_index = token_index.to(device, non_blocking=True)
         weights = weights.to(device, non_blocking=True)
+        masked_fraction = masked_fraction.to(device, non_blocking=True)
         with torch.no_grad():  # teacher: unmasked global crops, eval mode
             t_tokens = self.teacher["backbone"](g)  # [2B, T, D]
             t_cls_logits = self.teacher["cls_head"](t_tokens[:, 0])  # [2B, Kc]
@@ -257,7 +272,7 @@ class DINOv3(nn.Module):
                 "kl_student_teacher": kl_student_teacher(s_cls_logits[:2].flatten(0, 1), t_cls_probs.flatten(0, 1),
                                                          c.temperature_student),
                 "cls_std": embedding_std(s_cls_g),
-                "masked_fraction": torch.tensor(targets.masked_fraction, device=g.device),
+                "masked_fraction": targets.masked_fraction,
             }
         return DINOv3Output(loss=loss, loss_cls=loss_cls.detach(), loss_patch=loss_patch.detach(),
                             loss_koleo=loss_koleo.detach(), loss_gram=loss_gram.detach(), metrics=metrics)

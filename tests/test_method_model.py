@@ -241,3 +241,31 @@ def test_linear_probe_separable():
     x = centers[y] + torch.randn(90, 8, generator=g)
     res = linear_probe(x[:60], y[:60], x[60:], y[60:], epochs=20, batch_size=32)
     assert res["top1"] >= 95.0
+
+
+def test_compiled_model_matches_eager_without_recompiling_per_mask_count():
+    """``torch.compile(model)``: the masked-token count M changes every step; the graphs must
+    not specialise on it (one recompile per step made `--compile model` slower than eager).
+    Dynamo's own ``eager`` backend: the guards and graph breaks are Dynamo's, no codegen."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = build_method({**MICRO, "drop_path_rate": 0.0})
+    compiled = copy.deepcopy(eager)
+    fn = torch.compile(compiled, backend="eager", dynamic=None)
+    counts, graphs = [6, 9, 13, 20, 26, 31], []
+    for step, m_total in enumerate(counts):
+        glob, loc = crops(seed=step)
+        masks = torch.zeros(8, 16, dtype=torch.bool)  # 2B crops x 16 patches, m_total of them masked
+        masks.view(-1)[torch.randperm(8 * 16, generator=torch.Generator().manual_seed(step))[:m_total]] = True
+        ref, out = eager(glob, loc, masks=masks), fn(glob, loc, masks=masks)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.loss_patch, ref.loss_patch, rtol=1e-5, atol=1e-6)
+        assert float(out.metrics["masked_fraction"]) == m_total / (8 * 16)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # the first two calls compile (static, then dynamic M); later counts reuse those graphs
+    assert graphs[2] == graphs[-1], f"graphs compiled after each step: {graphs} (mask counts {counts})"
+    torch._dynamo.reset()
