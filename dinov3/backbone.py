@@ -44,29 +44,66 @@ def create_timm_vit(
     drop_path_rate: float = 0.0,
     layerscale_init: Optional[float] = 1e-5,
     pretrained: bool = False,
+    pretrained_file: Optional[str] = None,
 ) -> nn.Module:
-    """Create the bare timm model (no classifier head, CLS token, registers)."""
+    """Create the bare timm model (no classifier head, CLS token, registers).
+
+    ``pretrained_file``: a local checkpoint timm reads instead of the hub/cache (timm's
+    ``pretrained_cfg_overlay=dict(file=...)``); only used with ``pretrained=True``.
+    """
     kwargs = dict(num_classes=0, img_size=img_size, dynamic_img_size=True, drop_path_rate=drop_path_rate)
     for key, value in (("patch_size", patch_size), ("embed_dim", embed_dim), ("depth", depth),
                        ("num_heads", num_heads)):
         if value is not None:
             kwargs[key] = value
+    load = dict(pretrained=pretrained)
+    if pretrained and pretrained_file:
+        load["pretrained_cfg_overlay"] = dict(file=pretrained_file)
     if is_dinov3_family(name):
-        kwargs.update(num_reg_tokens=n_register_tokens, class_token=True)
         if layerscale_init is not None:
             kwargs["init_values"] = layerscale_init
+        model = timm.create_model(name, **load, num_reg_tokens=n_register_tokens, class_token=True, **kwargs)
     else:
-        kwargs.update(reg_tokens=n_register_tokens, class_token=True)
         # Released vit_* checkpoints have no LayerScale: adding it would break strict loading.
         if layerscale_init is not None and not pretrained:
             kwargs["init_values"] = layerscale_init
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, reg_tokens=n_register_tokens, class_token=True, **kwargs)
+        if pretrained:
+            # The checkpoint's prefix layout (released vit_*: CLS, no registers) differs from
+            # ours, and timm's checkpoint filter resamples pos_embed with the *model's* prefix
+            # count, so loading straight into ``model`` fails. Let timm load (and resample to
+            # img_size/patch_size) into a model with the arch's own layout, then copy across.
+            source = timm.create_model(name, **load, **kwargs)
+            _copy_pretrained_vit(source, model)
     if not isinstance(model, (VisionTransformer, Eva)):
         raise ValueError(f"backbone={name!r}: expected a timm VisionTransformer or Eva, got {type(model).__name__}")
     if getattr(model, "cls_token", None) is None:
         raise ValueError(f"backbone={name!r}: DINOv3 needs a CLS token")
     set_uniform_drop_path(model, drop_path_rate)
     return model
+
+
+def _copy_pretrained_vit(src: VisionTransformer, dst: VisionTransformer) -> None:
+    """Copy a loaded ``src`` into ``dst`` that differs only in its CLS/register tokens.
+
+    timm's ``pos_embed`` is ``[CLS?, registers, patches]`` unless ``no_embed_class`` (then
+    patches only, prefix tokens get no position). CLS and patch positions come from ``src``;
+    tokens ``src`` lacks (registers, or CLS for a CLS-free arch) keep ``dst``'s fresh init.
+    """
+    src_sd, dst_sd = src.state_dict(), dst.state_dict()
+    loaded = {k: v for k, v in src_sd.items() if k in dst_sd and v.shape == dst_sd[k].shape}
+    same_prefix = (src.cls_token is None) == (dst.cls_token is None) and src.num_prefix_tokens == dst.num_prefix_tokens
+    if "pos_embed" in dst_sd and not dst.no_embed_class and not same_prefix:
+        pe, pe_src = dst_sd["pos_embed"].clone(), src_sd["pos_embed"]
+        pe[:, dst.num_prefix_tokens:] = pe_src[:, src.num_prefix_tokens:]  # patches (same grid)
+        if src.cls_token is not None:
+            pe[:, 0] = pe_src[:, 0]  # CLS is first in both
+        loaded["pos_embed"] = pe
+    fresh = set(dst_sd) - set(loaded)
+    dropped = set(src_sd) - set(loaded)
+    if fresh - {"reg_token", "cls_token"} or dropped - {"reg_token"}:
+        raise RuntimeError(f"pretrained copy: unexpected fresh {sorted(fresh)} / dropped {sorted(dropped)} keys")
+    dst.load_state_dict(loaded, strict=False)
 
 
 def set_uniform_drop_path(vit: nn.Module, rate: float) -> None:

@@ -1,0 +1,84 @@
+"""``pretrained=True`` for ``vit_*`` backbones with registers, through timm's own loading path.
+
+Released timm ``vit_*`` checkpoints have no register tokens (pos_embed = CLS + patches); timm
+reads a local checkpoint here (``pretrained_file`` -> ``pretrained_cfg_overlay``), no download.
+"""
+
+import pytest
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+
+from dinov3.backbone import MaskableViT, create_timm_vit
+
+ARCH = "vit_tiny_patch16_224"
+SAVED_IMG, PATCH, DEPTH = 32, 8, 2  # saved checkpoint: 4x4 patch grid
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    src = timm.create_model(ARCH, img_size=SAVED_IMG, patch_size=PATCH, depth=DEPTH, num_classes=0)
+    with torch.no_grad():  # make the zero-initialised tokens / pos-embed distinguishable
+        for p in (src.cls_token, src.pos_embed):
+            p.normal_()
+    path = tmp_path_factory.mktemp("ckpt") / "vit_tiny.pth"
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    torch.save(sd, path)
+    return str(path), sd
+
+
+def build(path, img_size, n_reg):
+    return create_timm_vit(ARCH, img_size, PATCH, depth=DEPTH, n_register_tokens=n_reg,
+                           pretrained=True, pretrained_file=path)
+
+
+def assert_non_pos_weights_equal(vit, saved):
+    own = vit.state_dict()
+    for key, value in saved.items():
+        if key == "pos_embed":
+            continue
+        assert key in own, key
+        torch.testing.assert_close(own[key], value, rtol=0, atol=0, msg=key)
+    assert any(k.startswith("blocks.1.") for k in saved)
+
+
+@pytest.mark.parametrize("n_reg", [4, 0])
+def test_pretrained_same_img_size(checkpoint, n_reg):
+    path, saved = checkpoint
+    vit = build(path, SAVED_IMG, n_reg)
+    assert vit.num_prefix_tokens == 1 + n_reg
+    assert_non_pos_weights_equal(vit, saved)
+    pe, pe_saved = vit.pos_embed.detach(), saved["pos_embed"]
+    assert pe.shape[1] == 1 + n_reg + 16
+    torch.testing.assert_close(pe[:, :1], pe_saved[:, :1], rtol=0, atol=0)  # CLS
+    torch.testing.assert_close(pe[:, 1 + n_reg:], pe_saved[:, 1:], rtol=0, atol=0)  # patches
+    if n_reg:
+        assert vit.reg_token.shape == (1, n_reg, vit.embed_dim)
+    # no LayerScale: released vit_* checkpoints have none, the function must be the checkpoint's
+    assert all(isinstance(b.ls1, torch.nn.Identity) for b in vit.blocks)
+
+    model = MaskableViT(vit).eval()
+    x = torch.randn(2, 3, SAVED_IMG, SAVED_IMG)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[:, :3] = True
+    with torch.no_grad():
+        out = model(x, masks)
+    assert out.shape == (2, 1 + n_reg + 16, vit.embed_dim)
+    assert torch.isfinite(out).all()
+
+
+def test_pretrained_other_img_size_resamples_patch_pos_embed(checkpoint):
+    path, saved = checkpoint
+    img = 48  # 6x6 grid: timm's checkpoint filter resamples the 4x4 patch pos-embed
+    vit = build(path, img, 4)
+    assert_non_pos_weights_equal(vit, saved)
+    pe, pe_saved = vit.pos_embed.detach(), saved["pos_embed"]
+    assert pe.shape[1] == 1 + 4 + 36
+    expected = resample_abs_pos_embed(pe_saved, new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=1)
+    torch.testing.assert_close(pe[:, :1], pe_saved[:, :1], rtol=0, atol=0)
+    torch.testing.assert_close(pe[:, 5:], expected[:, 1:])
+
+    with torch.no_grad():
+        out = MaskableViT(vit).eval()(torch.randn(1, 3, img, img))
+    assert out.shape == (1, 1 + 4 + 36, vit.embed_dim)
