@@ -86,7 +86,79 @@ def test_parquet_train_and_eval(tmp_path):
 def test_ray_data_limits():
     opts = ray_data_limits(DataSpec(max_cpus=1))
     assert opts.preserve_order and opts.resource_limits.cpu == 1
-    assert ray_data_limits(DataSpec()).preserve_order
+    # no max_cpus: capped at what the actor pool holds, the amount a trial reserves for data
+    default = ray_data_limits(DataSpec(num_actors=3, cpus_per_actor=0.5))
+    assert default.preserve_order and default.resource_limits.cpu == 1.5
+
+
+def test_parquet_rows_reshuffled_every_epoch_reproducibly(tmp_path):
+    """Local shuffle: a shard's rows come in a new (seed, epoch) order each epoch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayssl.data.pipeline import _read_unit
+
+    path = str(tmp_path / "part-0.parquet")
+    keys = [f"k{i:03d}" for i in range(300)]
+    pq.write_table(pa.table({"image": [k.encode() for k in keys], "key": keys}), path, row_group_size=64)
+
+    def order(seed, epoch):
+        tables = list(_read_unit(path, epoch, ["image", "key"], False, False, False, shuffle_seed=seed))
+        assert all(t.column("epoch").to_pylist() == [epoch] * t.num_rows for t in tables)
+        return [k for t in tables for k in t.column("key").to_pylist()]
+
+    e0, e1 = order(5, 0), order(5, 1)
+    assert sorted(e0) == sorted(e1) == keys  # every row once per epoch
+    assert e0 != keys and e1 != keys and e0 != e1
+    assert order(5, 0) == e0 and order(6, 0) != e0  # reproducible, seeded
+    # eval reads (no epoch) keep the file order
+    assert [k for t in _read_unit(path, None, ["key"], False, False, False, shuffle_seed=5)
+            for k in t.column("key").to_pylist()] == keys
+
+
+def test_all_bad_batches_keep_every_row(tmp_path):
+    """A batch with no decodable image: its rows are filled from the actor's recent images,
+    or, before the actor has decoded anything, carried over to its first good batch."""
+    import io
+
+    from PIL import Image
+
+    from rayssl.data.pipeline import MultiCropWorker
+
+    def jpeg(v):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((40, 40, 3), v, np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    spec = DataSpec(name="parquet", path=str(tmp_path), n_local=2)
+    w = MultiCropWorker(spec=spec.to_dict(), seed=0, start_epoch=0, n_rows=0, counter_name="rayssl_test_bad_rows")
+
+    def batch(datas, keys):
+        return {"image": np.array(datas, dtype=object), "key": np.array(keys), "epoch": np.zeros(len(keys), np.int64)}
+
+    bad = b"not an image"
+    first = w(batch([bad, bad, bad], ["x0", "x1", "x2"]))  # nothing decoded yet: owed
+    assert len(first["global"]) == 0
+    second = w(batch([jpeg(50), jpeg(200)], ["g0", "g1"]))
+    assert len(second["global"]) == 2 + 3 and second["epoch"].tolist() == [0] * 5
+    third = w(batch([bad, bad], ["y0", "y1"]))  # recent good images stand in
+    assert len(third["global"]) == 2 and third["global"].std() > 0
+    # a stand-in's crops are seeded by the bad row's key: a different crop from the good row's
+    assert not np.array_equal(second["global"][3], second["global"][0])
+    assert ray.get(ray.get_actor("rayssl_test_bad_rows").stats.remote())["skipped"] == 5
+
+
+def test_skips_counted_per_run(tmp_path):
+    """Two runs on one source count their bad images apart (concurrent trials)."""
+    root = make_odd_imagefolder(tmp_path / "odd")
+    spec = DataSpec(name="imagefolder", path=str(root), map_batch_size=8, n_local=1)
+    a = _collect(build_train_dataset(spec, seed=0, epochs=2, run_key="run-a"))
+    assert len(a["epoch"]) == 28
+    assert skip_stats(spec, run_key="run-a")["events"] == 2  # the corrupt file, once per epoch
+    assert skip_stats(spec, run_key="run-b") == {"skipped": 0, "events": 0, "first_bad": []}
+    _collect(build_train_dataset(spec, seed=0, epochs=1, run_key="run-b"))
+    assert skip_stats(spec, run_key="run-b")["events"] == 1
+    assert skip_stats(spec, run_key="run-a")["events"] == 2
 
 
 def test_parquet_flat_dir_hash_split_stream(tmp_path):

@@ -212,7 +212,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                                  step, metrics["loss"], last_knn["knn_top1"])
                 metrics.update(last_knn)
                 if rank == 0:
-                    metrics["data_skipped"] = count_skipped(cfg, epoch)
+                    metrics["data_skipped"] = count_skipped(cfg, epoch, run_id)
                 if logger:
                     logger.log(metrics, step)
                 with_ckpt = ckpt_every == 0 or due or step == total_steps
@@ -237,11 +237,11 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             log.warning("could not export the final teacher encoder: %s", err)
 
 
-def count_skipped(cfg: ExperimentConfig, epoch: int) -> float:
-    """Unreadable images skipped by the data actors so far (logged, never fatal)."""
+def count_skipped(cfg: ExperimentConfig, epoch: int, run_id: str) -> float:
+    """Unreadable images this run's data actors skipped so far (logged, never fatal)."""
     from rayssl.data import DataSpec, skip_stats
 
-    stats = skip_stats(DataSpec.from_any(cfg.data))
+    stats = skip_stats(DataSpec.from_any(cfg.data), run_key=run_id)
     if stats["skipped"]:
         log.warning("epoch %d: %d unreadable images skipped so far, e.g. %s", epoch, stats["skipped"],
                     ", ".join(map(str, stats["first_bad"][:5])))

@@ -51,11 +51,11 @@ def data_spec(cfg: ExperimentConfig):
 
 def trial_resources(cfg: ExperimentConfig) -> Dict[str, float]:
     """Logical resources one training run holds: Train workers plus Ray Data's actors."""
+    from rayssl.data import data_cpu_budget
+
     t = cfg.train
     workers = max(t.num_workers, 1)
-    cpus = workers * t.cpus_per_worker + cfg.data.num_actors * cfg.data.cpus_per_actor
-    if cfg.data.max_cpus is not None:
-        cpus = workers * t.cpus_per_worker + cfg.data.max_cpus
+    cpus = workers * t.cpus_per_worker + data_cpu_budget(data_spec(cfg))  # the cap Ray Data runs under
     return {"CPU": cpus, "GPU": workers * t.gpus_per_worker if t.use_gpu else 0.0}
 
 
@@ -67,8 +67,9 @@ def build_trainer(cfg: ExperimentConfig, *, name: str, mlflow_run_id: str, n_tra
 
     DataContext.get_current().enable_progress_bars = False  # this may be a Tune trial process
     spec = data_spec(cfg)
-    train_ds = build_train_dataset(spec, seed=cfg.train.seed, epochs=cfg.train.epochs)
-    bank_ds, query_ds = build_eval_datasets(spec)  # rank 0 caches them after the first k-NN
+    # bad images are counted per run: concurrent trials on one source count apart
+    train_ds = build_train_dataset(spec, seed=cfg.train.seed, epochs=cfg.train.epochs, run_key=mlflow_run_id)
+    bank_ds, query_ds = build_eval_datasets(spec, run_key=mlflow_run_id)  # rank 0 caches them after the first k-NN
     t = cfg.train
     return TorchTrainer(
         train_loop_per_worker,

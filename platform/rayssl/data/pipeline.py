@@ -9,8 +9,9 @@ Train stream design (``build_train_dataset``)
   ``(seed, epoch)``: a full per-epoch shuffle for free, no per-epoch listing). The CPU
   actors map indices to rows, read the file bytes, decode and multi-crop.
 * parquet / cifar10: one ordered read over (epoch, shard) units, the shards of each epoch
-  in a ``(seed, epoch)``-shuffled order (rows inside shards are already shuffled by
-  prepare_data), with an ``epoch`` column (:class:`ParquetUnitsDatasource`, pyarrow
+  in a ``(seed, epoch)``-shuffled order and the rows of each shard in a ``(seed, epoch,
+  shard)``-shuffled order (local shuffle: a read task holds one shard; prepare_data also
+  writes the rows in a random order, so every shard mixes classes), with an ``epoch`` column (:class:`ParquetUnitsDatasource`, pyarrow
   reads in 0-CPU read tasks; see there why not ``read_parquet`` + ``union``); the same
   CPU actors decode and multi-crop.
 * Every row's crops come from a ``torch.Generator`` seeded by ``row_seed(seed, epoch, key)``:
@@ -20,11 +21,14 @@ Train stream design (``build_train_dataset``)
   which otherwise replaces the dataset's options).
 
 Bad images (undecodable/corrupt/truncated) never crash the stream: the row is skipped and
-counted, and its slot is filled by another good image of the same batch (crops still
-seeded by the bad row's key) so every epoch keeps exactly ``n_train`` rows and the step
-count of the train loop stays exact. Greyscale, palette, RGBA, CMYK, 16-bit and tiny
+counted, and its slot is filled by another good image of the same batch, or, when the whole
+batch is bad, by one of the actor's last good images (crops still seeded by the bad row's
+key); an actor that has not decoded any image yet carries the rows over to its first good
+batch. Every epoch keeps exactly ``n_train`` rows and the step count of the train loop stays
+exact. Greyscale, palette, RGBA, CMYK, 16-bit and tiny
 images are converted to RGB and used. Skips are counted in a small named actor per
-source: :func:`skip_stats` -> ``{"skipped": distinct bad images, "events": total skips,
+source and run (``run_key``: concurrent trials on one source count apart, and a trial's
+counter lives as long as that trial): :func:`skip_stats` -> ``{"skipped": distinct bad images, "events": total skips,
 "first_bad": [keys...]}`` (log ``skipped`` as metric ``data_skipped``).
 """
 
@@ -48,6 +52,7 @@ from rayssl.data.spec import DataSpec
 log = logging.getLogger("rayssl.data")
 
 MAX_BAD_KEYS = 1000  # distinct bad keys remembered by the counter
+RECENT_IMAGES = 8  # decoded images an actor keeps to stand in for an all-bad batch
 
 
 def content_key(data: bytes) -> str:
@@ -63,10 +68,10 @@ def _source_id(spec: DataSpec) -> str:
     return f"{spec.name}:{spec.path if spec.name != 'synthetic' else spec.synthetic_seed}"
 
 
-def skip_counter_name(spec) -> str:
-    """Name of the named actor counting bad images of this source."""
+def skip_counter_name(spec, run_key: str = "") -> str:
+    """Name of the named actor counting bad images of this source in run ``run_key``."""
     spec = resolve_spec(spec)
-    return "rayssl_data_skips_" + format(stable_hash(_source_id(spec)), "x")
+    return "rayssl_data_skips_" + format(stable_hash(_source_id(spec), run_key), "x")
 
 
 class _SkipCounter:
@@ -102,7 +107,7 @@ def _get_or_create_counter(name: str):
     return handle
 
 
-def skip_stats(spec) -> Dict[str, Any]:
+def skip_stats(spec, run_key: str = "") -> Dict[str, Any]:
     """Bad-image counts of a source so far: ``{"skipped", "events", "first_bad"}``.
 
     Callable from the driver or any Ray worker of the same job (e.g. rank 0 of the
@@ -111,7 +116,7 @@ def skip_stats(spec) -> Dict[str, Any]:
     import ray
 
     try:
-        actor = ray.get_actor(skip_counter_name(spec))
+        actor = ray.get_actor(skip_counter_name(spec, run_key))
         return ray.get(actor.stats.remote(), timeout=30)
     except Exception:  # noqa: BLE001 - no counter yet / gone with its owner
         return {"skipped": 0, "events": 0, "first_bad": []}
@@ -199,6 +204,8 @@ class MultiCropWorker:
             else:
                 self.paths = table.column("path").to_pylist()
         self._orders: Dict[int, np.ndarray] = {}
+        self._recent: List = []  # a few recently decoded images: stand-ins for an all-bad batch
+        self._owed: List[Tuple[str, int]] = []  # (key, epoch) of bad rows not replaced yet
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -243,14 +250,25 @@ class MultiCropWorker:
             except Exception:  # noqa: BLE001 - corrupt / truncated / not an image
                 images.append(None)
                 bad.append(i)
+        good = [im for im in images if im is not None]
+        if good:
+            self._recent = good[-RECENT_IMAGES:]
+        pool = good or self._recent
         if bad:
             self.reporter.add([keys[i] for i in bad])
-            good = [i for i in range(len(images)) if images[i] is not None]
-            if good:
+            if pool:
                 for j, i in enumerate(bad):
-                    images[i] = images[good[j % len(good)]]
-            else:  # nothing decodable in this batch: drop it
-                images, keys, epochs = [], [], epochs[:0]
+                    images[i] = pool[j % len(pool)]
+            else:  # no image decoded by this actor yet: owe these rows to its first good batch
+                self._owed += [(keys[i], int(epochs[i])) for i in bad]
+                keep = [i for i in range(len(images)) if images[i] is not None]
+                images, keys, epochs = [images[i] for i in keep], [keys[i] for i in keep], epochs[keep]
+        if self._owed and pool:
+            images += [pool[j % len(pool)] for j in range(len(self._owed))]
+            keys += [k for k, _ in self._owed]
+            epochs = np.concatenate([np.asarray(epochs, dtype=np.int64),
+                                     np.asarray([e for _, e in self._owed], dtype=np.int64)])
+            self._owed = []
         gens = []
         for i in range(len(images)):
             gen = torch.Generator()
@@ -305,37 +323,47 @@ class EvalWorker:
 def ray_data_limits(spec) -> "Any":
     """ExecutionOptions for ``ray.train.DataConfig(execution_options=...)``.
 
-    Caps Ray Data's CPU budget at ``spec.max_cpus`` (when set) and keeps the row order
+    Caps Ray Data's CPU budget at :func:`data_cpu_budget` and keeps the row order
     (``preserve_order=True``: the train stream is in epoch order).
     """
     from ray.data import ExecutionOptions, ExecutionResources
 
     spec = resolve_spec(spec)
     opts = ExecutionOptions(preserve_order=True)
-    if spec.max_cpus is not None:
-        opts.resource_limits = ExecutionResources(cpu=float(spec.max_cpus))
+    opts.resource_limits = ExecutionResources(cpu=data_cpu_budget(spec))
     return opts
+
+
+def data_cpu_budget(spec) -> float:
+    """Logical CPUs Ray Data may use: ``max_cpus``, else what the actor pool holds
+    (``num_actors * cpus_per_actor``; reads and the k-NN sets request 0 CPUs). A trial
+    reserves the same amount (rayssl.trainer.trial_resources), so the stream can never
+    take the CPUs the Train workers or other trials hold."""
+    spec = resolve_spec(spec)
+    if spec.max_cpus is not None:
+        return float(spec.max_cpus)
+    return float(max(1, int(spec.num_actors)) * float(spec.cpus_per_actor))
 
 
 def _configure(ds, spec: DataSpec):
     opts = ray_data_limits(spec)
     ds.context.execution_options.preserve_order = True
-    if spec.max_cpus is not None:
-        ds.context.execution_options.resource_limits = opts.resource_limits
+    ds.context.execution_options.resource_limits = opts.resource_limits
     return ds
 
 
-def build_train_dataset(spec, seed: int, epochs: int, start_epoch: int = 0):
+def build_train_dataset(spec, seed: int, epochs: int, start_epoch: int = 0, run_key: str = ""):
     """Multi-epoch multi-crop stream: columns ``global`` uint8 [2,3,G,G], ``local`` uint8
     [n_local,3,L,L], ``epoch`` int64; rows of epochs start_epoch..epochs-1 in epoch order,
-    ``n_train`` rows per epoch. Crops seeded by (seed, epoch, row key)."""
+    ``n_train`` rows per epoch. Crops seeded by (seed, epoch, row key). Bad images are
+    counted under ``run_key`` (:func:`skip_stats`)."""
     import ray
 
     spec = resolve_spec(spec)
     if epochs <= start_epoch:
         raise ValueError(f"epochs={epochs} must be > start_epoch={start_epoch}")
     validate_source(spec)  # DataSourceError naming the path before any Ray work
-    counter = skip_counter_name(spec)
+    counter = skip_counter_name(spec, run_key)
     _get_or_create_counter(counter)  # owned by this process: lives as long as the job/trial
     n_epochs = int(epochs) - int(start_epoch)
     bs = int(spec.map_batch_size)
@@ -361,7 +389,7 @@ def build_train_dataset(spec, seed: int, epochs: int, start_epoch: int = 0):
         units = [(e, lst.train_files[i]) for e in range(int(start_epoch), int(epochs))
                  for i in _epoch_order(len(lst.train_files), int(seed), e)]
         ds = _read_parquet_units(units, ["image"] + (["key"] if lst.has_key else []),
-                                 hash_split=lst.hash_split, keep_held_out=False)
+                                 hash_split=lst.hash_split, keep_held_out=False, shuffle_seed=int(seed))
     else:
         raise DataSourceError(f"data.name={spec.name!r}: unknown source")
 
@@ -399,10 +427,12 @@ class ParquetUnitsDatasource(Datasource):
     hash split applied when the source has no eval split, and ``label = -1`` when absent.
     """
 
-    def __init__(self, units, columns, hash_split=False, keep_held_out=False, add_label=False):
+    def __init__(self, units, columns, hash_split=False, keep_held_out=False, add_label=False,
+                 shuffle_seed: Optional[int] = None):
         super().__init__()
         self.units, self.columns = list(units), list(columns)
         self.hash_split, self.keep_held_out, self.add_label = hash_split, keep_held_out, add_label
+        self.shuffle_seed = shuffle_seed
 
     def estimate_inmemory_data_size(self):
         return None
@@ -416,7 +446,7 @@ class ParquetUnitsDatasource(Datasource):
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=(path,), exec_stats=None)
             fn = functools.partial(_read_unit, path=path, epoch=epoch, columns=self.columns,
                                    hash_split=self.hash_split, keep_held_out=self.keep_held_out,
-                                   add_label=self.add_label)
+                                   add_label=self.add_label, shuffle_seed=self.shuffle_seed)
             try:
                 tasks.append(ReadTask(fn, meta, per_task_row_limit=per_task_row_limit))
             except TypeError:  # older ReadTask signature
@@ -424,14 +454,26 @@ class ParquetUnitsDatasource(Datasource):
         return tasks
 
 
+def _row_order(n: int, seed: int, epoch: int, path: str) -> np.ndarray:
+    """The local shuffle: rows of one shard in a (seed, epoch, shard) order."""
+    return np.random.default_rng(stable_hash("row-order", seed, epoch, path)).permutation(n)
+
+
 def _read_unit(path: str, epoch: Optional[int], columns: List[str], hash_split: bool, keep_held_out: bool,
-               add_label: bool):
+               add_label: bool, shuffle_seed: Optional[int] = None):
     import pyarrow as pa
 
     from rayssl.data.sources import _open_parquet
 
     pf = _open_parquet(path)
-    for rb in pf.iter_batches(batch_size=1024, columns=columns):
+    if shuffle_seed is not None and epoch is not None:
+        # The whole shard in this read task (one shard's bytes), rows permuted per epoch.
+        whole = pf.read(columns=columns)
+        whole = whole.take(pa.array(_row_order(whole.num_rows, shuffle_seed, epoch, path)))
+        batches = whole.to_batches(max_chunksize=1024)
+    else:
+        batches = pf.iter_batches(batch_size=1024, columns=columns)
+    for rb in batches:
         t = pa.Table.from_batches([rb])
         if hash_split:
             keys = (t.column("key").to_pylist() if "key" in t.column_names
@@ -445,11 +487,12 @@ def _read_unit(path: str, epoch: Optional[int], columns: List[str], hash_split: 
             yield t
 
 
-def _read_parquet_units(units, columns, hash_split=False, keep_held_out=False, add_label=False):
+def _read_parquet_units(units, columns, hash_split=False, keep_held_out=False, add_label=False,
+                        shuffle_seed: Optional[int] = None):
     import ray
 
     src = ParquetUnitsDatasource(units, columns, hash_split=hash_split, keep_held_out=keep_held_out,
-                                 add_label=add_label)
+                                 add_label=add_label, shuffle_seed=shuffle_seed)
     return ray.data.read_datasource(src, num_cpus=READ_CPUS)
 
 
@@ -459,7 +502,7 @@ def _subset(n: int, size: Optional[int]) -> np.ndarray:
     return np.sort(np.random.default_rng(stable_hash("knn-subset", n, size)).permutation(n)[:size])
 
 
-def build_eval_datasets(spec):
+def build_eval_datasets(spec, run_key: str = ""):
     """(bank, query) datasets, columns ``image`` uint8 [3,S,S] and ``label`` int64.
 
     bank: labelled train images (``knn_bank_size`` of them, a fixed subset), query:
@@ -470,7 +513,7 @@ def build_eval_datasets(spec):
 
     spec = resolve_spec(spec)
     validate_source(spec)  # DataSourceError naming the path before any Ray work
-    counter = skip_counter_name(spec)
+    counter = skip_counter_name(spec, run_key)
     _get_or_create_counter(counter)
     fn_kwargs = dict(size=int(spec.eval_size), counter_name=counter)
     sizes = {"train": spec.knn_bank_size, "eval": spec.knn_query_size}

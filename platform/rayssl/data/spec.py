@@ -31,7 +31,7 @@ class DataSpec:
     num_actors: int = 1             # CPU actors running decode + multi-crop
     cpus_per_actor: float = 1.0     # logical CPUs each actor reserves
     map_batch_size: int = 64
-    max_cpus: Optional[float] = None  # cap on Ray Data's CPU budget (None: no cap)
+    max_cpus: Optional[float] = None  # cap on Ray Data's CPU budget (None: num_actors * cpus_per_actor)
     knn_bank_size: Optional[int] = None   # None: every labelled train image
     knn_query_size: Optional[int] = None  # None: every held-out image
     synthetic_n_train: int = 2048
