@@ -1,7 +1,8 @@
 """End to end on a real 2-node Ray cluster: `ray job submit --working-dir` of the sweep.
 
 This machine plays both nodes: a head (`ray start --head --block`) and a worker node
-(`ray start --address --block`), each with its own ports, CPUs and temp dir, token
+(`ray start --address --block`), plain nodes that declare no custom resources (nothing in
+the sweep may depend on one), each with its own ports, CPUs and temp dir, token
 authentication on (a token made for this test), plus an `mlflow server`. The project's
 editable install is hidden from every cluster process, so the nodes behave as if they
 never had it: the job must ship `dinov3` and `rayssl` itself. Everything is stopped
@@ -221,7 +222,7 @@ def cluster(tmp_path_factory):
         wait_for(lambda: http_json(f"{dashboard}/api/version", token), 180, "the head's dashboard", [head])
         worker = procs.start(
             [str(BIN / "ray"), "start", f"--address={gcs}", f"--temp-dir={worker_tmp}",
-             '--resources={"rayssl_test_worker_node": 1}', *node_args(node_ports[6:])],
+             *node_args(node_ports[6:])],
             env=env, log_path=root / "worker.log", cwd=root)
 
         def alive_nodes():
