@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -18,7 +19,8 @@ from rayssl.data import DataSourceError, DataSpec, decode_image, validate_source
 from rayssl.data import synthetic
 from rayssl.data.cifar10 import convert_tarball, ensure_cifar10, md5sum
 from rayssl.data.prepare import convert_imagefolder
-from rayssl.data.sources import list_imagefolder, list_parquet
+from rayssl.data import sources
+from rayssl.data.sources import held_out, list_imagefolder, list_parquet, read_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_DIR = Path(os.environ.get("DINOV3_CIFAR10_DIR", REPO.parent / "shared" / "data" / "cifar10"))
@@ -241,6 +243,229 @@ def test_parquet_flat_dir_hash_split(tmp_path):
     os.replace(tmp_path / "pq" / "train" / "part-00000.parquet", flat / "part-00000.parquet")
     lst = list_parquet(str(flat))
     assert lst.hash_split and lst.n_train + lst.n_eval == 60 and 0 < lst.n_eval < 20
+
+
+# ---------------------------------------------------------------------------------------
+# URIs: one filesystem per bucket, not per file
+# ---------------------------------------------------------------------------------------
+
+def _jpeg(seed) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_rgb(seed, 16, 16)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def count_resolves(monkeypatch):
+    """Fresh filesystem cache; counts calls to the (real) resolver per key."""
+    calls = {}
+    real = sources._resolve_filesystem
+
+    def counting(scheme, netloc, query):
+        calls[(scheme, netloc, query)] = calls.get((scheme, netloc, query), 0) + 1
+        return real(scheme, netloc, query)
+
+    monkeypatch.setattr(sources, "_FS_CACHE", {})
+    monkeypatch.setattr(sources, "_resolve_filesystem", counting)
+    return calls
+
+
+@pytest.fixture
+def memfs():
+    import uuid
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    tag = uuid.uuid4().hex[:8]
+    buckets = [f"bucket-a-{tag}", f"bucket-b-{tag}"]
+    yield fs, buckets
+    for b in buckets:
+        if fs.exists(f"/{b}"):
+            fs.rm(f"/{b}", recursive=True)
+
+
+def test_memory_uri_filesystem_resolved_once_per_bucket(memfs, count_resolves):
+    """ImageFolder in one memory:// bucket, Parquet in another, listed and read through the
+    public functions (also from threads): one resolution per bucket, bytes as written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, (ba, bb) = memfs
+    written = {}
+    for split, n in (("train", 5), ("val", 2)):
+        for ci, c in enumerate(("cat", "dog")):
+            for i in range(n):
+                data = _jpeg(100 * ci + i + (50 if split == "val" else 0))
+                fs.pipe(f"/{ba}/ds/{split}/{c}/img {i}.jpg", data)  # a space: read as listed
+                written[f"memory://{ba}/ds/{split}/{c}/img {i}.jpg"] = data
+    fs.pipe(f"/{ba}/ds/train/cat/readme.txt", b"not an image")
+    root = f"memory://{ba}/ds"
+    info = validate_source(DataSpec(name="imagefolder", path=root))
+    assert (info.n_train, info.n_eval, info.class_names) == (10, 4, ["cat", "dog"])
+    lst = list_imagefolder(root)
+    paths = lst.train.paths + lst.eval.paths
+    assert sorted(paths) == sorted(written)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(read_bytes, paths))
+    assert got == [written[p] for p in paths]
+    assert decode_image(got[0]).shape == (16, 16, 3)
+
+    for split, n in (("train", 7), ("val", 3)):
+        t = pa.table({"image": [_jpeg(i) for i in range(n)], "label": [i % 2 for i in range(n)],
+                      "key": [f"{split}/{i}" for i in range(n)]})
+        buf = io.BytesIO()
+        pq.write_table(t, buf)
+        fs.pipe(f"/{bb}/pq/{split}/part-00000.parquet", buf.getvalue())
+    fs.pipe(f"/{bb}/pq/classes.json", json.dumps(["cat", "dog"]).encode())
+    info = validate_source(DataSpec(name="parquet", path=f"memory://{bb}/pq"))
+    assert (info.n_train, info.n_eval, info.class_names) == (7, 3, ["cat", "dog"])
+    assert list_parquet(f"memory://{bb}/pq").eval_files == (f"memory://{bb}/pq/val/part-00000.parquet",)
+    assert read_bytes(f"memory://{bb}/pq/classes.json") == json.dumps(["cat", "dog"]).encode()
+
+    assert count_resolves == {("memory", ba, ""): 1, ("memory", bb, ""): 1}
+
+
+def test_pyarrow_uri_filesystem_cached_per_bucket(count_resolves):
+    """pyarrow's mock:// filesystem (a new, empty one per FileSystem.from_uri call, and a path
+    without the host): files written through one bucket's filesystem are listed and read
+    back, so listing and reading reuse it; another bucket gets its own."""
+    import pyarrow.fs as pafs
+
+    written = {}
+    for bucket, n in (("one", 3), ("two", 2)):
+        fs, inner = sources._filesystem(f"mock://{bucket}/")
+        assert isinstance(fs, pafs._MockFileSystem) and inner == ""
+        for split in ("train", "test"):
+            for c in "ab":
+                fs.create_dir(f"ds/{split}/{c}", recursive=True)
+                for i in range(n):
+                    data = _jpeg(len(written))
+                    with fs.open_output_stream(f"ds/{split}/{c}/{i}.jpg") as f:
+                        f.write(data)
+                    written[f"mock://{bucket}/ds/{split}/{c}/{i}.jpg"] = data
+    for bucket, n in (("one", 3), ("two", 2)):
+        info = validate_source(DataSpec(name="imagefolder", path=f"mock://{bucket}/ds"))
+        assert (info.n_train, info.n_eval) == (2 * n, 2 * n)
+        lst = list_imagefolder(f"mock://{bucket}/ds")
+        for p in lst.train.paths + lst.eval.paths:
+            assert read_bytes(p) == written[p]
+    assert count_resolves == {("mock", "one", ""): 1, ("mock", "two", ""): 1}
+
+
+def test_uri_paths_derived_without_reparsing(count_resolves):
+    """Path inside the filesystem from the URI: bucket kept, %XX decoded only in a valid URI
+    path (as FileSystem.from_uri does), raw names (spaces) kept; query = filesystem options."""
+    pafs = pytest.importorskip("pyarrow.fs")
+    if not hasattr(pafs, "S3FileSystem"):
+        pytest.skip("pyarrow built without S3")
+    q = "region=us-east-1&endpoint_override=localhost:9"  # no region lookup, nothing contacted
+    got = [sources._filesystem(f"s3://bkt/{p}?{q}")[1] for p in ("a/b c.jpg", "my%20data/x.jpg", "", "d/")]
+    assert got == ["bkt/a/b c.jpg", "bkt/my data/x.jpg", "bkt", "bkt/d"]
+    assert count_resolves == {("s3", "bkt", q): 1}
+
+
+# ---------------------------------------------------------------------------------------
+# empty eval splits fail validation (the k-NN evaluation would crash after Ray started)
+# ---------------------------------------------------------------------------------------
+
+def test_synthetic_without_eval_images():
+    with pytest.raises(DataSourceError, match="synthetic_n_eval=0"):
+        validate_source(DataSpec(synthetic_n_train=10, synthetic_n_eval=0))
+
+
+@pytest.mark.parametrize("name", ["val", "test", "validation"])
+def test_imagefolder_empty_eval_dir_names_it(tmp_path, name):
+    root = make_clean_imagefolder(tmp_path / "src", n_per_class=2)
+    os.rename(root / "val", root / "gone")
+    (root / name / "a").mkdir(parents=True)
+    (root / name / "b" / "notes.txt").parent.mkdir()
+    (root / name / "b" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataSourceError, match=re.escape(f"eval split {root / name} holds no images")) as err:
+        validate_source(DataSpec(name="imagefolder", path=str(root)))
+    assert "remove that folder" in str(err.value) and "hash" in str(err.value)
+
+
+def test_imagefolder_eval_dir_of_other_classes(tmp_path):
+    root = make_clean_imagefolder(tmp_path / "src", n_per_class=2, classes="ab")
+    os.rename(root / "val" / "a", root / "val" / "x")
+    os.rename(root / "val" / "b", root / "val" / "y")
+    with pytest.raises(DataSourceError, match=re.escape(str(root / "val"))) as err:
+        validate_source(DataSpec(name="imagefolder", path=str(root)))
+    assert "x, y are not in" in str(err.value)
+
+
+def _names_held(held: bool, n: int, cls: str, ext: str = ".png"):
+    out = [f"{i}{ext}" for i in range(1000) if held_out(f"{cls}/{i}{ext}") == held]
+    return out[:n]
+
+
+def test_imagefolder_hash_split_holding_out_nothing(tmp_path):
+    root = tmp_path / "flat"
+    for c in "ab":
+        for i, f in enumerate(_names_held(False, 3, c)):
+            _save(root / c / f, Image.fromarray(_rgb(i, 8, 8)), "PNG")
+    with pytest.raises(DataSourceError, match=re.escape(str(root))) as err:
+        validate_source(DataSpec(name="imagefolder", path=str(root)))
+    assert "held out none of the 6 images" in str(err.value) and str(root / "val") in str(err.value)
+
+
+def test_imagefolder_hash_split_holding_out_everything(tmp_path):
+    root = tmp_path / "flat"
+    for i, f in enumerate(_names_held(True, 2, "a")):
+        _save(root / "a" / f, Image.fromarray(_rgb(i, 8, 8)), "PNG")
+    with pytest.raises(DataSourceError, match="held out all 2 images"):
+        validate_source(DataSpec(name="imagefolder", path=str(root)))
+
+
+def test_memory_uri_empty_eval_dir_names_it(memfs, count_resolves):
+    fs, (ba, _) = memfs
+    fs.pipe(f"/{ba}/ds/train/a/0.jpg", _jpeg(0))
+    fs.mkdir(f"/{ba}/ds/val/a")
+    fs.pipe(f"/{ba}/ds/val/a/.hidden.jpg", _jpeg(1))
+    with pytest.raises(DataSourceError, match=re.escape(f"eval split memory://{ba}/ds/val holds no images")):
+        validate_source(DataSpec(name="imagefolder", path=f"memory://{ba}/ds"))
+
+
+def _prepared_parquet(tmp_path) -> Path:
+    out = tmp_path / "pq"
+    convert_imagefolder(str(make_clean_imagefolder(tmp_path / "src", n_per_class=2)), str(out), progress=False)
+    assert validate_source(DataSpec(name="parquet", path=str(out))).n_eval == 6
+    list_parquet.cache_clear()
+    return out
+
+
+def test_parquet_eval_dir_without_shards_names_it(tmp_path):
+    out = _prepared_parquet(tmp_path)
+    for f in (out / "val").iterdir():
+        f.unlink()
+    with pytest.raises(DataSourceError, match=re.escape(f"eval split {out / 'val'} holds no .parquet shards")):
+        validate_source(DataSpec(name="parquet", path=str(out)))
+
+
+def test_parquet_eval_shards_without_rows_names_them(tmp_path):
+    import pyarrow.parquet as pq
+
+    out = _prepared_parquet(tmp_path)
+    for f in (out / "val").iterdir():
+        pq.write_table(pq.read_table(f).slice(0, 0), f)
+    with pytest.raises(DataSourceError, match=re.escape(f"eval split {out / 'val'} holds .parquet shards with no rows")):
+        validate_source(DataSpec(name="parquet", path=str(out)))
+
+
+def test_parquet_hash_split_holding_out_nothing(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    keys = [k for k in (f"k{i}" for i in range(100)) if not held_out(k)][:4]
+    pq.write_table(pa.table({"image": [_jpeg(i) for i in range(4)], "key": keys}), flat / "part-00000.parquet")
+    with pytest.raises(DataSourceError, match=re.escape(str(flat))) as err:
+        validate_source(DataSpec(name="parquet", path=str(flat)))
+    assert "held out none of the 4 rows" in str(err.value) and str(flat / "val") in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------

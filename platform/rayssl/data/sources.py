@@ -20,8 +20,11 @@ import io
 import json
 import os
 import posixpath
+import re
+import threading
+import urllib.parse
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -94,18 +97,97 @@ def _local(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path[len("file://"):] if path.startswith("file://") else path))
 
 
-@functools.lru_cache(maxsize=16)
-def _filesystem(uri: str):
-    """(pyarrow FileSystem, path inside it) for a URI; fsspec wrapped when pyarrow lacks it."""
+# Filesystems are resolved once per (scheme, bucket/host, query options) and process, not
+# per file: pyarrow's FileSystem.from_uri does a network round trip for s3:// (the bucket's
+# region lookup), and a dataset's images all live in a few buckets. The path inside the
+# filesystem is derived from the URI by string operations, so listed names with spaces or
+# other characters a URI parser rejects are read as they were listed.
+_FS_LOCK = threading.Lock()
+_FS_CACHE: Dict[Tuple[str, str, str], Tuple[Any, str, Any]] = {}  # key -> (fs, base path, fsspec fs|None)
+_QUERY = re.compile(r"[^=&/?#]+=[^&/?#]*(?:&[^=&/?#]+=[^&/?#]*)*")
+_URI_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
+
+
+def _reset_fs_cache() -> None:
+    """Forget the filesystems (and the lock): a forked child must not share the parent's clients."""
+    global _FS_LOCK, _FS_CACHE
+    _FS_LOCK = threading.Lock()
+    _FS_CACHE = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_fs_cache)
+
+
+def _split_uri(uri: str) -> Tuple[str, str, str, str]:
+    """URI -> (scheme, netloc, path without its leading '/', query). A trailing ``?k=v&...``
+    (no '/' in it) is the query: filesystem options such as ``region`` or ``endpoint_override``."""
+    scheme, rest = uri.split("://", 1)
+    query = ""
+    head, sep, tail = rest.rpartition("?")
+    if sep and _QUERY.fullmatch(tail):
+        rest, query = head, tail
+    netloc, _, path = rest.partition("/")
+    return scheme, netloc, path, query
+
+
+def _resolve_filesystem(scheme: str, netloc: str, query: str) -> Tuple[Any, str, Any]:
+    """(pyarrow filesystem, its path of ``scheme://netloc/``, the fsspec filesystem it wraps or
+    None) -- a network round trip for some schemes; called once per key and process (see
+    :func:`_filesystem`)."""
     import pyarrow.fs as pafs
 
+    base = f"{scheme}://{netloc}/" + (f"?{query}" if query else "")
     try:
-        return pafs.FileSystem.from_uri(uri)
+        fs, inner = pafs.FileSystem.from_uri(base)
+        return fs, inner, None
     except Exception:  # noqa: BLE001 - fall back to fsspec for schemes pyarrow lacks
         import fsspec
 
-        fs, root = fsspec.core.url_to_fs(uri)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root
+        fs, root = fsspec.core.url_to_fs(base)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root, fs
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem_of_chained_url(uri: str):
+    """fsspec chained URLs (``simplecache::s3://...``): resolved per URL, as they nest."""
+    import pyarrow.fs as pafs
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root
+
+
+def _filesystem(uri: str):
+    """(pyarrow FileSystem, path inside it) for a URI; fsspec wrapped when pyarrow lacks it.
+
+    The filesystem is cached per (scheme, netloc, query) in this process (thread safe; reset
+    in a forked child). For filesystems pyarrow resolved, a path that is a valid URI path has
+    its %XX escapes decoded (as ``FileSystem.from_uri`` does), any other path is taken as is;
+    fsspec filesystems map the URI to their path themselves (``_strip_protocol``, a string
+    operation, as ``fsspec.core.url_to_fs`` does).
+    """
+    if "::" in uri:
+        return _filesystem_of_chained_url(uri)
+    scheme, netloc, path, query = _split_uri(uri)
+    key = (scheme, netloc, query)
+    entry = _FS_CACHE.get(key)
+    if entry is None:
+        with _FS_LOCK:
+            entry = _FS_CACHE.get(key)
+            if entry is None:
+                entry = _resolve_filesystem(scheme, netloc, query)
+                _FS_CACHE[key] = entry
+    fs, base, fsspec_fs = entry
+    if fsspec_fs is not None:
+        return fs, fsspec_fs._strip_protocol(f"{scheme}://{netloc}/{path}")
+    if "%" in path and _URI_PATH.fullmatch(path):
+        path = urllib.parse.unquote(path)
+    if not path:
+        inner = base
+    else:
+        inner = (base if not base or base.endswith("/") else base + "/") + path
+    return fs, (inner.rstrip("/") or inner[:1])
 
 
 def read_bytes(path: str) -> bytes:
@@ -113,7 +195,7 @@ def read_bytes(path: str) -> bytes:
     if not _is_uri(path):
         with open(_local(path), "rb") as f:
             return f.read()
-    fs, inner = _filesystem(path.split("://", 1)[0] + "://" + path.split("://", 1)[1])
+    fs, inner = _filesystem(path)
     with fs.open_input_stream(inner) as f:
         return f.read()
 
@@ -276,6 +358,7 @@ class ParquetListing:
     has_label: bool
     has_key: bool
     hash_split: bool  # no eval split on disk: rows held out by key hash
+    eval_dir: Optional[str] = None  # <path>/{val,test,validation} beside train/, if there (may hold no shards)
 
 
 def _parquet_files(root: str) -> List[str]:
@@ -310,10 +393,12 @@ def list_parquet(path: str) -> ParquetListing:
     if err:
         raise DataSourceError(f"data.path={path}: {err}")
     train_files, eval_files = _parquet_files(_join(path, "train")) if "train" in dirs else [], []
+    eval_dir = None
     if train_files:
         for name in EVAL_SPLIT_NAMES:
             if name in dirs:
-                eval_files = _parquet_files(_join(path, name))
+                eval_dir = _join(path, name)
+                eval_files = _parquet_files(eval_dir)
                 break
     else:
         train_files = _parquet_files(path)
@@ -342,6 +427,9 @@ def list_parquet(path: str) -> ParquetListing:
         n_train = n_all - n_eval
     else:
         n_train, n_eval = _count_rows(train_files), _count_rows(eval_files)
+    if n_train == 0 and hash_split and n_eval:
+        raise DataSourceError(f"data.path={path}: the hash split held out all {n_eval} rows, none are left to "
+                              f"train on; add rows, or a val/ split beside train/")
     if n_train == 0:
         raise DataSourceError(f"data.path={path}: the parquet shards hold no rows")
     if not class_names and has_label:
@@ -350,7 +438,7 @@ def list_parquet(path: str) -> ParquetListing:
             labels.update(_open_parquet(f).read(columns=["label"]).column(0).to_pylist())
         class_names = tuple(str(i) for i in range(int(max(labels)) + 1)) if labels else ()
     return ParquetListing(path, class_names, tuple(train_files), tuple(eval_files), n_train, n_eval,
-                          has_label, has_key, hash_split)
+                          has_label, has_key, hash_split, eval_dir)
 
 
 # ---------------------------------------------------------------------------------------
@@ -385,10 +473,59 @@ def validate_source(spec) -> SourceInfo:
 
         if spec.synthetic_n_train < 1:
             raise DataSourceError(f"data.synthetic_n_train={spec.synthetic_n_train}: must be >= 1")
+        if spec.synthetic_n_eval < 1:
+            raise DataSourceError(f"data.synthetic_n_eval={spec.synthetic_n_eval}: must be >= 1 (the k-NN "
+                                  f"evaluation needs held-out images)")
         return SourceInfo(int(spec.synthetic_n_train), int(spec.synthetic_n_eval), list(CLASS_NAMES))
     if spec.name == "imagefolder":
         lst = list_imagefolder(spec.path)
+        _check_imagefolder_splits(lst)
         return SourceInfo(len(lst.train), len(lst.eval), list(lst.class_names))
     path = cifar10_parquet_dir(spec) if spec.name == "cifar10" else spec.path
     lst = list_parquet(path)
+    _check_parquet_splits(lst)
     return SourceInfo(lst.n_train, lst.n_eval, list(lst.class_names))
+
+
+_HASH_SPLIT_HOW = (f"with no val/, test/ or validation/ folder beside train/, 1 in {HELD_OUT_MOD} train "
+                   f"images is held out by a hash of its key instead")
+
+
+def _check_imagefolder_splits(lst: ImageFolderListing) -> None:
+    """Both splits non-empty: the k-NN evaluation (after Ray started) needs held-out images."""
+    path = lst.root
+    if lst.eval_dir is not None and not len(lst.eval):
+        other = sorted(set(_class_files(lst.eval_dir)) - set(lst.class_names))
+        what = (f"no images of the train classes (its class folders {', '.join(other[:8])}"
+                f"{' ...' if len(other) > 8 else ''} are not in {lst.train_dir})" if other
+                else "no images in class sub-folders (expected <class>/<image>)")
+        raise DataSourceError(
+            f"data.path={path}: the eval split {lst.eval_dir} holds {what}; put <class>/<image> files there "
+            f"with the class names of {lst.train_dir}, or remove that folder ({_HASH_SPLIT_HOW})")
+    if lst.eval_dir is None and not len(lst.eval):
+        raise DataSourceError(
+            f"data.path={path}: no eval split folder, and the hash split (1 in {HELD_OUT_MOD} images, by a "
+            f"hash of its path) held out none of the {len(lst.train)} images; add one as "
+            f"{_join(path, 'val')}/<class>/<image> with the train images under {_join(path, 'train')}/<class>/, "
+            f"or add images")
+    if not len(lst.train):
+        raise DataSourceError(f"data.path={path}: the hash split held out all {len(lst.eval)} images, none are "
+                              f"left to train on; add images or an eval split folder "
+                              f"({_join(path, 'train')}/ and {_join(path, 'val')}/)")
+
+
+def _check_parquet_splits(lst: ParquetListing) -> None:
+    path = lst.root
+    if lst.eval_dir is not None and not lst.eval_files:
+        raise DataSourceError(
+            f"data.path={path}: the eval split {lst.eval_dir} holds no .parquet shards (or cannot be listed); "
+            f"write the held-out rows there ({lst.eval_dir}/*.parquet), or remove that folder ({_HASH_SPLIT_HOW})")
+    if lst.n_eval == 0 and not lst.hash_split:
+        raise DataSourceError(
+            f"data.path={path}: the eval split {lst.eval_dir} holds .parquet shards with no rows; write the "
+            f"held-out rows there, or remove that folder ({_HASH_SPLIT_HOW})")
+    if lst.n_eval == 0:
+        raise DataSourceError(
+            f"data.path={path}: no eval split, and the hash split (1 in {HELD_OUT_MOD} rows, by key) held out "
+            f"none of the {lst.n_train} rows; write the held-out rows as {_join(path, 'val')}/*.parquet "
+            f"beside {_join(path, 'train')}/*.parquet (experiments/prepare_data.py writes both), or add rows")
