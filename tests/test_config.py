@@ -34,6 +34,26 @@ def test_documented_overrides_reach_the_config():
     assert cfg.tracking_uri.startswith("sqlite:////") and cfg.tracking_uri.endswith("/rel/x.db")
 
 
+NEW_METHOD_KEYS = {"mask_ratio_spread": 0.1, "mask_min_block_patches": 2, "mask_max_block_frac": 0.25,
+                   "mask_seed": 7, "sinkhorn_iterations": 5, "lr_reference_batch": 256, "split_backward": False,
+                   "lean_mlp": False}  # non-default values
+
+
+def test_method_overrides_reach_the_built_method_config():
+    from dataclasses import fields
+
+    from dinov3.config import DINOv3Config
+
+    cfg = compose([f"method.{k}={str(v).lower()}" for k, v in NEW_METHOD_KEYS.items()])
+    built = DINOv3Config.from_dict(cfg.method_kwargs()).validate()
+    for key, value in NEW_METHOD_KEYS.items():
+        assert getattr(DINOv3Config(), key) != value, key  # an override, not the default
+        assert getattr(built, key) == value and type(getattr(built, key)) is type(value), key
+    assert built.mask_ratio_range == pytest.approx((0.2, 0.4))  # mask_ratio 0.3 -/+ 0.1
+    # every method hyperparameter is settable from Hydra (img_size comes from data.global_size)
+    assert {f.name for f in fields(DINOv3Config)} == set(cfg.method_kwargs())
+
+
 def test_default_tracking_store_is_absolute_sqlite_at_repo_root():
     assert compose().tracking_uri == f"sqlite:///{REPO / 'mlflow.db'}"
 
@@ -43,6 +63,15 @@ def test_default_tracking_store_is_absolute_sqlite_at_repo_root():
     ("method.temperature_teacher=0", "method.temperature_teacher"),
     ("method.koleo_weight=-1", "method.koleo_weight"),
     ("method.n_register_tokens=-2", "method.n_register_tokens"),
+    ("method.mask_ratio_spread=-0.1", "method.mask_ratio_spread"),
+    ("method.mask_min_block_patches=0", "method.mask_min_block_patches"),
+    ("method.mask_max_block_frac=1.5", "method.mask_max_block_frac"),
+    ("method.mask_max_block_frac=0", "method.mask_max_block_frac"),
+    ("method.sinkhorn_iterations=0", "method.sinkhorn_iterations"),
+    ("method.sinkhorn_iterations=2.5", "method.sinkhorn_iterations"),
+    ("method.lr_reference_batch=0", "method.lr_reference_batch"),
+    ("method.mask_seed=abc", "method.mask_seed"),
+    ("method.split_backward=maybe", "method.split_backward"),
     ("train.epochs=0", "train.epochs"),
     ("train.epochs=abc", "train.epochs"),
     ("data.global_size=30", "data.global_size"),

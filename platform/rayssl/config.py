@@ -51,9 +51,15 @@ class MethodConfig:
     ibot_weight: float = 1.0
     mask_strategy: str = "block"
     mask_probability: float = 0.5
+    mask_ratio_spread: float = 0.2  # block ratios span mask_ratio -/+ this (clipped to [0, 0.95])
+    mask_min_block_patches: int = 4
+    mask_max_block_frac: float = 0.5  # of the patch grid
+    mask_seed: int = 0  # + rank: each worker's mask generator
+    sinkhorn_iterations: int = 3
     teacher_temp_warmup_start: float = 0.04
     teacher_temp_warmup_frac: float = 0.3
     base_lr: float = 4e-3
+    lr_reference_batch: int = 1024  # peak lr = base_lr * sqrt(global batch / this)
     min_lr: float = 1e-6
     lr_warmup_frac: float = 0.1
     weight_decay_start: float = 0.04
@@ -68,6 +74,9 @@ class MethodConfig:
     gram_start_step: int = 0
     gram_refresh_every: int = 0
     gram_max_refreshes: int = 0
+    # memory / speed only (same losses and gradients)
+    split_backward: bool = True  # one backward per crop group: about half the student's activation memory
+    lean_mlp: bool = True  # fused, activation-lean MLP branch in fp32 training
 
 
 @dataclass
@@ -282,6 +291,10 @@ def _validate_method(m: MethodConfig) -> None:
     _check(0.0 <= m.mask_ratio < 1.0, "method.mask_ratio", "must be in [0, 1)", m.mask_ratio)
     _check(0.0 <= m.mask_probability <= 1.0, "method.mask_probability", "must be in [0, 1]", m.mask_probability)
     _check(m.mask_strategy in ("block", "random"), "method.mask_strategy", "must be 'block' or 'random'", m.mask_strategy)
+    _check(m.mask_ratio_spread >= 0, "method.mask_ratio_spread", "must be >= 0", m.mask_ratio_spread)
+    _check(0.0 < m.mask_max_block_frac <= 1.0, "method.mask_max_block_frac", "must be in (0, 1]", m.mask_max_block_frac)
+    for key in ("mask_min_block_patches", "sinkhorn_iterations", "lr_reference_batch"):
+        _check(getattr(m, key) >= 1, f"method.{key}", "must be >= 1", getattr(m, key))
     for key in ("koleo_weight", "dino_weight", "ibot_weight", "gram_weight"):
         _check(getattr(m, key) >= 0, f"method.{key}", "must be >= 0", getattr(m, key))
     for key in ("temperature_student", "temperature_teacher", "teacher_temp_warmup_start", "base_lr", "clip_grad"):
