@@ -6,10 +6,12 @@ One step = apply_schedules + forward + backward + clip_gradients + AdamW step + 
 teacher update, on random data. Default workload (CPU): timm ``vit_tiny_patch16_224``
 rebuilt with img_size 32 / patch_size 4, 4 registers, batch 32, 2 global crops 32x32 +
 6 local crops 16x16, 4096 CLS / 1024 patch prototypes, head hidden 512, bottleneck 256.
-Drop path 0 like the baseline's encoder.
+Drop path 0 like the baseline's encoder. The defaults run the recipe (block masking of half
+the global crops, LayerScale, per-module clipping); the baseline's own choices (every global
+crop masked at random at ratio 0.3, no LayerScale, no clipping) are flags:
 
     PYTHONPATH=.:platform python experiments/bench_step.py
-    PYTHONPATH=.:platform python experiments/bench_step.py --mask-strategy random   # seed's masking
+    PYTHONPATH=.:platform python experiments/bench_step.py --mask-strategy random --no-layerscale --no-clip
     PYTHONPATH=.:platform python experiments/bench_step.py --device cuda            # bf16 autocast
 
 Prints one JSON line (median s/step, peak RSS, losses; on CUDA also images/s, peak CUDA
@@ -65,6 +67,7 @@ def main() -> None:
     p.add_argument("--drop-path", type=float, default=0.0)
     p.add_argument("--no-ema", action="store_true", help="skip EMA teacher update")
     p.add_argument("--no-clip", action="store_true", help="skip per-module gradient clipping")
+    p.add_argument("--no-layerscale", action="store_true", help="blocks without LayerScale (the baseline's timm ViT)")
     p.add_argument("--no-split-backward", action="store_true",
                    help="one backward for all crops (default: locals, then globals; same gradients)")
     p.add_argument("--schedules", action="store_true", help="recipe lr/wd schedules instead of fixed lr")
@@ -94,6 +97,7 @@ def main() -> None:
     cfg = DINOv3Config(
         backbone=args.encoder, img_size=args.img_size, patch_size=args.patch_size,
         n_register_tokens=args.registers, drop_path_rate=args.drop_path,
+        layerscale_init=None if args.no_layerscale else 1e-5,
         head_hidden_dim=args.hidden, head_bottleneck_dim=args.bottleneck,
         n_cls_prototypes=args.n_cls_prototypes, n_patch_prototypes=args.n_patch_prototypes,
         mask_strategy=args.mask_strategy, mask_seed=args.seed, split_backward=not args.no_split_backward,
@@ -219,6 +223,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "ema": not args.no_ema,
         "clip": not args.no_clip,
+        "layerscale": not args.no_layerscale,
         "split_backward": not args.no_split_backward,
         "mask_strategy": args.mask_strategy,
         "precision": "bf16-autocast" if use_bf16 else "fp32",
