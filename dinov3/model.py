@@ -437,6 +437,13 @@ class DINOv3(nn.Module):
         return encoder.eval()
 
 
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """Validate the keyword dict :func:`build_method` takes without building anything.
+
+    Raises ValueError naming the first bad field (``DINOv3Config.<field>=<value>: <rule>``)."""
+    DINOv3Config.from_dict(cfg).validate()
+
+
 def build_method(cfg: Union[DINOv3Config, Mapping[str, Any]]) -> DINOv3:
     """Build :class:`DINOv3` from a config or plain keyword dict (unknown keys raise ValueError)."""
     if not isinstance(cfg, DINOv3Config):

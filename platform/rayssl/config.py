@@ -285,6 +285,28 @@ def validate(cfg: ExperimentConfig) -> None:
                "grid search needs choice/grid entries only", list(s.space))
     if s.search == "optuna":
         _check(all(sp["type"] != "grid" for sp in s.space.values()), "sweep.space", "optuna cannot take grid entries", list(s.space))
+    _validate_with_method(cfg)
+
+
+def _validate_with_method(cfg: ExperimentConfig) -> None:
+    """The method's own check of the model/method values it receives (e.g. DINOv3Config), so
+    nothing a key can break waits until a trial builds the model; errors name the key."""
+    import re
+
+    from rayssl.method import check_method_config
+
+    try:
+        check_method_config(cfg.method.name, cfg.method_kwargs())
+    except ValueError as err:
+        msg = str(err)
+        m = re.match(r"\w+\.(\w+)=(.*?): (.*)", msg)
+        if m is None:
+            raise ConfigError(f"method.name={cfg.method.name!r}: {msg}") from None
+        field_name, value, rule = m.groups()
+        group = "model" if field_name in {f.name for f in dataclasses.fields(ModelConfig)} else "method"
+        if field_name == "img_size":
+            group, field_name = "data", "global_size"
+        raise ConfigError(f"{group}.{field_name}={value}: {rule}") from None
 
 
 def _validate_method(m: MethodConfig) -> None:
@@ -297,8 +319,9 @@ def _validate_method(m: MethodConfig) -> None:
         _check(getattr(m, key) >= 1, f"method.{key}", "must be >= 1", getattr(m, key))
     for key in ("koleo_weight", "dino_weight", "ibot_weight", "gram_weight"):
         _check(getattr(m, key) >= 0, f"method.{key}", "must be >= 0", getattr(m, key))
-    for key in ("temperature_student", "temperature_teacher", "teacher_temp_warmup_start", "base_lr", "clip_grad"):
+    for key in ("temperature_student", "temperature_teacher", "teacher_temp_warmup_start", "base_lr"):
         _check(getattr(m, key) > 0, f"method.{key}", "must be > 0", getattr(m, key))
+    _check(m.clip_grad >= 0, "method.clip_grad", "must be >= 0 (0: no clipping)", m.clip_grad)
     _check(0 <= m.n_register_tokens <= 64, "method.n_register_tokens", "must be in [0, 64]", m.n_register_tokens)
     for key in ("momentum_start", "momentum_end"):
         _check(0.0 <= getattr(m, key) <= 1.0, f"method.{key}", "must be in [0, 1]", getattr(m, key))

@@ -17,6 +17,11 @@ import torch
 METHODS: Dict[str, str] = {
     "dinov3": "dinov3:build_method",
 }
+# Optional: a method's own config check (same kwargs, builds nothing, raises ValueError),
+# run by rayssl.config.validate before any Ray work.
+CONFIG_CHECKS: Dict[str, str] = {
+    "dinov3": "dinov3:check_config",
+}
 
 
 @runtime_checkable
@@ -55,6 +60,14 @@ def _resolve(name: str):
                          "and not a 'module:function' path")
     module, func = target.split(":", 1)
     return getattr(importlib.import_module(module), func)
+
+
+def check_method_config(name: str, kwargs: Dict[str, Any]) -> None:
+    """Run the method's own config check, when it registers one (ValueError on a bad value)."""
+    target = CONFIG_CHECKS.get(name)
+    if target is not None:
+        module, func = target.split(":", 1)
+        getattr(importlib.import_module(module), func)(kwargs)
 
 
 def build_method(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
