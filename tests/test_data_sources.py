@@ -481,13 +481,17 @@ def test_cifar10_tarball_conversion(tmp_path):
     assert man["splits"]["train"]["rows"] == 20 and man["splits"]["test"]["rows"] == 6
     info = validate_source(DataSpec(name="parquet", path=str(out)))
     assert (info.n_train, info.n_eval) == (20, 6) and info.class_names[0] == "airplane"
-    # pixels and labels survive (PNG is lossless)
+    # JPEG bytes (quality 95) of the right pixels, and the labels
     with tarfile.open(tarball) as tar:
         d = pickle.load(tar.extractfile("cifar-10-batches-py/data_batch_2"), encoding="bytes")
     t = pq.read_table(str(out / "train"))
     row = t.column("key").to_pylist().index("train/00005")  # batch 2, image 1
-    img = decode_image(t.column("image")[row].as_py())
-    assert np.array_equal(img, d[b"data"][1].reshape(3, 32, 32).transpose(1, 2, 0))
+    data = t.column("image")[row].as_py()
+    assert data[:3] == b"\xff\xd8\xff"  # JPEG SOI marker
+    pixels = d[b"data"][1].reshape(3, 32, 32).transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    assert np.array_equal(decode_image(data), decode_image(buf.getvalue()))
     assert t.column("label")[row].as_py() == d[b"labels"][1]
 
 

@@ -1,6 +1,7 @@
 """CIFAR-10 from the official python tarball: download (md5-checked), cache, convert to Parquet.
 
-``ensure_cifar10(dir)`` leaves ``dir/{train,test}/*.parquet`` (PNG bytes: lossless),
+``ensure_cifar10(dir)`` leaves ``dir/{train,test}/*.parquet`` (JPEG bytes, quality 95, as
+prepare_data writes any ImageFolder),
 ``dir/classes.json`` and ``dir/manifest.json``; the tarball is kept in ``dir`` so a
 re-conversion needs no network. Nothing happens when the manifest is already complete.
 """
@@ -8,7 +9,6 @@ re-conversion needs no network. Nothing happens when the manifest is already com
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import tarfile
@@ -68,23 +68,15 @@ def _load_batch(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Tuple[np.ndarr
     return data, labels
 
 
-def _png(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def convert_tarball(tarball: str, output: str, shard_size: int = 10000, progress: bool = True,
                     seed: int = 0, force: bool = False) -> Dict:
     """CIFAR-10 python tarball -> Parquet dataset (train/test) under output; returns the manifest."""
     import json
 
-    from rayssl.data.prepare import MANIFEST, manifest_ok, write_dataset
+    from rayssl.data.prepare import JPEG_QUALITY, MANIFEST, encode_jpeg, manifest_ok, write_dataset
 
     params = {"source": "cifar10", "tarball_md5": md5sum(tarball), "shard_size": int(shard_size),
-              "seed": int(seed), "format": "png"}
+              "seed": int(seed), "format": "jpeg", "jpeg_quality": JPEG_QUALITY}
     if not force and manifest_ok(output, params):
         with open(os.path.join(output, MANIFEST)) as f:
             return json.load(f)
@@ -103,7 +95,7 @@ def convert_tarball(tarball: str, output: str, shard_size: int = 10000, progress
     def rows(x: np.ndarray, y: np.ndarray, split: str, split_seed: int) -> Iterator:
         order = np.random.default_rng([seed, split_seed]).permutation(len(x))
         for i in order:
-            yield _png(x[i]), int(y[i]), f"{split}/{i:05d}"
+            yield encode_jpeg(x[i]), int(y[i]), f"{split}/{i:05d}"
 
     splits = {"train": (len(train_x), rows(train_x, train_y, "train", 0)),
               "test": (len(test[0]), rows(test[0], test[1], "test", 1))}
