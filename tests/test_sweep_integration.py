@@ -58,6 +58,13 @@ def test_two_trial_sweep_with_two_ddp_workers_logs_nested_runs(ray_session, tmp_
         for key in PER_EPOCH:  # a resumed trial logs each epoch once
             steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
             assert len(steps) == len(set(steps)) >= 1, (key, steps)
+        # train-loop telemetry: throughput in images/s and the share of wall time spent waiting
+        # for the next batch (a fraction), every log window; the skip count of a clean source
+        speed = client.get_metric_history(child.info.run_id, "train/images_per_s")
+        wait = client.get_metric_history(child.info.run_id, "train/data_wait_frac")
+        assert len(speed) == len(wait) >= 2 and all(m.value > 0 for m in speed), speed
+        assert all(0.0 <= m.value <= 1.0 for m in wait), [m.value for m in wait]
+        assert {m.value for m in client.get_metric_history(child.info.run_id, "data_skipped")} == {0.0}
 
     # Rung 1 holds 2 results and promotes floor(2/2) = 1: the better epoch-1 k-NN.
     done = [c for c in children if c.info.status == "FINISHED"]
