@@ -2,7 +2,8 @@
 (0.5 CPU each) plus a 1-CPU Ray Data actor fills the node exactly, so the trial function
 itself must hold no CPU, and what keeps it off the CPU budget must not be a custom
 resource (this node declares none). The same shape runs under a local `ray.init` in
-tests/test_sweep_integration.py."""
+tests/test_sweep_integration.py. The trial trains on Parquet shards that
+experiments/prepare_data.py made from an ImageFolder (the user's path, end to end)."""
 
 from __future__ import annotations
 
@@ -15,20 +16,36 @@ from pathlib import Path
 import pytest
 
 from test_cluster_job_submit import BIN, REPO, Processes, free_ports, kill_leftovers, wait_for
+from test_data_sources import make_clean_imagefolder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 OVERRIDES = [
-    "model=micro", "train.epochs=1", "train.num_workers=2", "train.cpus_per_worker=0.5",
+    "model=micro", "data=parquet", "train.epochs=1", "train.num_workers=2", "train.cpus_per_worker=0.5",
     "data.num_actors=1", "data.cpus_per_actor=1", "train.batch_size=16", "train.log_every=2",
-    "data.synthetic_n_train=64", "data.synthetic_n_eval=32", "data.n_local=2", "data.map_batch_size=32",
+    "data.n_local=2", "data.map_batch_size=32",
     "sweep.num_samples=1", "sweep.max_concurrent_trials=0", "train.system_metrics=false",
     "tracking.experiment=it-two-cpus", "tracking.register_model_name=null",
 ]
 
 
+def prepare(source: Path, output: Path) -> str:
+    out = subprocess.run([sys.executable, "experiments/prepare_data.py", f"source={source}", f"output={output}",
+                          "shard_size=25", "progress=false"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
 def test_ddp_trial_with_data_actor_completes_on_a_plain_two_cpu_node(tmp_path):
     from mlflow.tracking import MlflowClient
+
+    src = make_clean_imagefolder(tmp_path / "images", n_per_class=22)  # 66 train, 6 val images
+    shards = tmp_path / "shards"
+    first = prepare(src, shards)
+    assert "written" in first and '"train": {"rows": 66, "skipped": 0, "shards": 3}' in first, first
+    manifest = (shards / "manifest.json").read_text()
+    assert "up to date (nothing written)" in prepare(src, shards)  # idempotent
+    assert (shards / "manifest.json").read_text() == manifest
 
     ray_tmp = Path(f"/tmp/rsl2c{os.getpid()}_{secrets.token_hex(3)}")  # short: unix socket paths
     ray_tmp.mkdir(parents=True)
@@ -61,7 +78,8 @@ def test_ddp_trial_with_data_actor_completes_on_a_plain_two_cpu_node(tmp_path):
                  180, "a plain 2-CPU node", [head])
 
         uri = f"sqlite:///{tmp_path}/mlflow.db"
-        cmd = [sys.executable, "experiments/sweep.py", *OVERRIDES, f"ray.address={gcs}", f"tracking.uri={uri}",
+        cmd = [sys.executable, "experiments/sweep.py", *OVERRIDES, f"data.path={shards}", f"ray.address={gcs}",
+               f"tracking.uri={uri}",
                f"train.storage_path={tmp_path}/ray_results"]
         out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
@@ -74,7 +92,7 @@ def test_ddp_trial_with_data_actor_completes_on_a_plain_two_cpu_node(tmp_path):
             (r.info.run_name, r.info.status, r.data.tags.get("rayssl.error")) for r in runs]
         child = children[0]
         assert len(client.get_metric_history(child.info.run_id, "knn_top1")) == 1
-        # one epoch = 64 images / (16 per worker x 2 DDP workers) = 2 steps
+        # one epoch = 66 images // (16 per worker x 2 DDP workers) = 2 steps
         assert child.data.params["train.num_workers"] == "2"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "data_skipped")] == [2]
     finally:
