@@ -228,6 +228,41 @@ def test_prepare_parquet_round_trip(tmp_path):
     assert decode_image(pq.read_table(str(out / "train")).column("image")[0].as_py()).shape[:2] == (16, 16)
 
 
+def test_prepare_rewrites_when_a_file_is_replaced_under_its_name(tmp_path):
+    import pyarrow.parquet as pq
+
+    src = make_clean_imagefolder(tmp_path / "src")
+    out = tmp_path / "pq"
+    convert_imagefolder(str(src), str(out), shard_size=7, progress=False)
+    assert convert_imagefolder(str(src), str(out), shard_size=7, progress=False).get("skipped_existing")
+    new = src / "train" / "b" / "002.jpg"
+    _save(new, Image.fromarray(_rgb(77, 30, 20)), "JPEG")  # same name, other image
+    man = convert_imagefolder(str(src), str(out), shard_size=7, progress=False)
+    assert not man.get("skipped_existing")
+    table = pq.read_table(str(out / "train"))
+    row = table.column("key").to_pylist().index("b/002.jpg")
+    assert table.column("image")[row].as_py() == new.read_bytes()
+
+
+def test_prepare_progress_counts_skipped_rows():
+    from rayssl.data.prepare import _count_skips
+
+    calls, counter = [], {"skipped": 0, "bad": []}
+    rows = [(b"x", 0, "a/1"), (None, 0, "a/2"), (b"y", 1, "b/1"), (None, 1, "b/2"), (None, 1, "b/3")]
+    kept = list(_count_skips(iter(rows), counter, lambda n, skipped=0: calls.append((n, skipped))))
+    assert [r[2] for r in kept] == ["a/1", "b/1"]
+    assert counter == {"skipped": 3, "bad": ["a/2", "b/2", "b/3"]}
+    assert sum(n for n, _ in calls) == len(rows) and calls[-1] == (1, 3)
+
+
+def test_uri_join_keeps_filesystem_options_last():
+    q = "region=us-east-1&endpoint_override=localhost:9"
+    assert sources._join(f"s3://bkt/data?{q}", "train", "a b.jpg") == f"s3://bkt/data/train/a b.jpg?{q}"
+    assert sources._join("s3://bkt/data/", "val") == "s3://bkt/data/val"
+    assert sources.basename(f"s3://bkt/data/val?{q}") == "val" and sources.basename("/x/val/") == "val"
+    assert sources._split_uri(sources._join(f"s3://bkt/data?{q}", "train")) == ("s3", "bkt", "data/train", q)
+
+
 def test_prepare_skips_corrupt(tmp_path):
     src = make_odd_imagefolder(tmp_path / "odd")
     man = convert_imagefolder(str(src), str(tmp_path / "pq"), shard_size=100, progress=False)

@@ -10,8 +10,8 @@ Layout written under ``output``::
 Rows are written in a seeded random order so every shard mixes classes (file-level
 shuffling at read time is then enough). JPEG sources are copied byte for byte unless
 ``resize`` is given; other formats (and resized images) are re-encoded as JPEG.
-Idempotent: when manifest.json matches the parameters and the source listing, and the
-shards are intact, nothing is written.
+Idempotent: when manifest.json matches the parameters and the source listing (every file's
+path, size and mtime), and the shards are intact, nothing is written.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from rayssl.data.sources import DataSourceError, decode_image, list_imagefolder, read_bytes
+from rayssl.data.sources import DataSourceError, basename, decode_image, list_imagefolder, read_bytes
 
 MANIFEST = "manifest.json"
 CLASSES = "classes.json"
@@ -98,10 +98,14 @@ def write_shards(rows: Iterable[Tuple[bytes, int, str]], out_dir: str, shard_siz
     return shards
 
 
-def _listing_fingerprint(paths: Sequence[str]) -> str:
+def _listing_fingerprint(paths: Sequence[str], stamps: Sequence[str]) -> str:
+    """Hash of every listed file's path, size and mtime: a file replaced under the same name
+    changes it."""
     h = hashlib.sha256()
-    for p in paths:
+    for p, st in zip(paths, stamps, strict=True):
         h.update(p.encode())
+        h.update(b"\0")
+        h.update(st.encode())
         h.update(b"\0")
     return h.hexdigest()
 
@@ -137,9 +141,11 @@ class _Progress:
             except ImportError:
                 pass
 
-    def __call__(self, n: int) -> None:
+    def __call__(self, n: int, skipped: int = 0) -> None:
         if self.bar is not None:
             self.bar.update(n)
+            if skipped:
+                self.bar.set_postfix(skipped=skipped, refresh=False)
 
     def close(self):
         if self.bar is not None:
@@ -163,7 +169,7 @@ def write_dataset(output: str, splits: Dict[str, Tuple[int, Iterator[Tuple[bytes
             shutil.rmtree(out_dir)
         bar = _Progress(total, f"{split}", progress)
         counter = {"skipped": 0, "bad": []}
-        shards = write_shards(_count_skips(rows, counter), out_dir, shard_size, bar)
+        shards = write_shards(_count_skips(rows, counter, bar), out_dir, shard_size)
         bar.close()
         man["splits"][split] = {"rows": sum(s["rows"] for s in shards), "skipped": counter["skipped"],
                                 "first_bad": counter["bad"][:20], "shards": shards}
@@ -178,12 +184,15 @@ def write_dataset(output: str, splits: Dict[str, Tuple[int, Iterator[Tuple[bytes
     return man
 
 
-def _count_skips(rows, counter):
+def _count_skips(rows, counter, progress: Callable[..., None]):
+    """Rows with an image; the others are counted, their keys kept. The bar advances for both."""
     for r in rows:
         if r[0] is None:
             counter["skipped"] += 1
             counter["bad"].append(r[2])
+            progress(1, counter["skipped"])
             continue
+        progress(1, counter["skipped"])
         yield r
 
 
@@ -195,10 +204,11 @@ def convert_imagefolder(source: str, output: str, resize: Optional[int] = None, 
     Skips the work (returns the existing manifest with ``"skipped_existing": True``) when
     the manifest matches. Undecodable images are left out and listed in the manifest.
     """
-    lst = list_imagefolder(source)
-    eval_name = os.path.basename(lst.eval_dir.rstrip("/")) if lst.eval_dir else "test"
+    lst = list_imagefolder.__wrapped__(source)  # a fresh listing: files may have changed since
+    eval_name = basename(lst.eval_dir) if lst.eval_dir else "test"
     params = {"source": source, "resize": resize, "shard_size": int(shard_size), "seed": int(seed),
-              "format": "jpeg", "listing": _listing_fingerprint(lst.train.paths + lst.eval.paths)}
+              "format": "jpeg", "listing": _listing_fingerprint(lst.train.paths + lst.eval.paths,
+                                                                lst.train.stamps + lst.eval.stamps)}
     if not force and manifest_ok(output, params):
         with open(os.path.join(output, MANIFEST)) as f:
             man = json.load(f)

@@ -123,10 +123,7 @@ def _split_uri(uri: str) -> Tuple[str, str, str, str]:
     """URI -> (scheme, netloc, path without its leading '/', query). A trailing ``?k=v&...``
     (no '/' in it) is the query: filesystem options such as ``region`` or ``endpoint_override``."""
     scheme, rest = uri.split("://", 1)
-    query = ""
-    head, sep, tail = rest.rpartition("?")
-    if sep and _QUERY.fullmatch(tail):
-        rest, query = head, tail
+    rest, query = _strip_query(rest)
     netloc, _, path = rest.partition("/")
     return scheme, netloc, path, query
 
@@ -229,13 +226,27 @@ def _list_tree(root: str) -> Tuple[Optional[str], List[str], List[str]]:
 
 
 def _join(root: str, *names: str) -> str:
+    """root/names...; a URI's trailing ``?k=v`` filesystem options stay at the end."""
     if _is_uri(root):
-        return posixpath.join(root.rstrip("/"), *names)
+        head, query = _strip_query(root)
+        return posixpath.join(head.rstrip("/"), *names) + (f"?{query}" if query else "")
     return os.path.join(_local(root), *names)
 
 
-def _walk_images(root: str) -> List[str]:
-    """Relative paths of all image files below root (recursive, sorted)."""
+def _strip_query(uri: str) -> Tuple[str, str]:
+    """(URI without its trailing ``?k=v&...`` filesystem options, those options or '')."""
+    head, sep, tail = uri.rpartition("?")
+    return (head, tail) if sep and _QUERY.fullmatch(tail) else (uri, "")
+
+
+def basename(path: str) -> str:
+    """Last path component of a local path or URI (ignoring a URI's query)."""
+    return posixpath.basename(_strip_query(path)[0].rstrip("/")) if _is_uri(path) else os.path.basename(path.rstrip(os.sep))
+
+
+def _walk_images(root: str) -> List[Tuple[str, str]]:
+    """(relative path, "size:mtime_ns" stamp) of every image file below root (recursive,
+    sorted). The stamp comes with the listing (no extra request per file on object stores)."""
     if not _is_uri(root):
         root = _local(root)
         out = []
@@ -244,14 +255,19 @@ def _walk_images(root: str) -> List[str]:
             rel = os.path.relpath(dirpath, root)
             for f in filenames:
                 if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                    out.append(f if rel == "." else os.path.join(rel, f))
+                    try:
+                        st = os.stat(os.path.join(dirpath, f))
+                        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+                    except OSError:  # a dangling link: listed, then skipped and counted when read
+                        stamp = "?"
+                    out.append((f if rel == "." else os.path.join(rel, f), stamp))
         return sorted(out)
     import pyarrow.fs as pafs
 
     fs, inner = _filesystem(root)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
     base = inner.rstrip("/") + "/"
-    return sorted(i.path[len(base):] for i in infos
+    return sorted((i.path[len(base):], f"{i.size}:{i.mtime_ns}") for i in infos
                   if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_EXTENSIONS)
                   and not posixpath.basename(i.path).startswith("."))
 
@@ -267,6 +283,7 @@ class FileTable:
     paths: Tuple[str, ...]
     labels: Tuple[int, ...]
     keys: Tuple[str, ...]
+    stamps: Tuple[str, ...] = ()  # "size:mtime_ns" per file, as listed (change detection)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -288,7 +305,8 @@ class ImageFolderListing:
     eval_dir: Optional[str]
 
 
-def _class_files(split_root: str) -> Dict[str, List[str]]:
+def _class_files(split_root: str) -> Dict[str, List[Tuple[str, str]]]:
+    """{class: [(relative path 'class/...', stamp), ...]} of one split directory."""
     err, dirs, _ = _list_tree(split_root)
     if err:
         raise DataSourceError(f"data.path={split_root}: {err}")
@@ -296,7 +314,7 @@ def _class_files(split_root: str) -> Dict[str, List[str]]:
     for d in dirs:
         rel = _walk_images(_join(split_root, d))
         if rel:
-            out[d] = [posixpath.join(d, r.replace(os.sep, "/")) for r in rel]
+            out[d] = [(posixpath.join(d, r.replace(os.sep, "/")), stamp) for r, stamp in rel]
     return out
 
 
@@ -322,16 +340,17 @@ def list_imagefolder(path: str) -> ImageFolderListing:
     class_names = tuple(sorted(train_files))
     index = {c: i for i, c in enumerate(class_names)}
 
-    def table(split_root: str, files: Dict[str, List[str]], keep=None) -> FileTable:
-        paths, labels, keys = [], [], []
+    def table(split_root: str, files: Dict[str, List[Tuple[str, str]]], keep=None) -> FileTable:
+        paths, labels, keys, stamps = [], [], [], []
         for c in class_names:
-            for rel in files.get(c, ()):
+            for rel, stamp in files.get(c, ()):
                 if keep is not None and not keep(rel):
                     continue
                 paths.append(_join(split_root, *rel.split("/")))
                 labels.append(index[c])
                 keys.append(rel)
-        return FileTable(tuple(paths), tuple(labels), tuple(keys))
+                stamps.append(stamp)
+        return FileTable(tuple(paths), tuple(labels), tuple(keys), tuple(stamps))
 
     if eval_dir is not None:
         ev_files = _class_files(eval_dir)
