@@ -5,7 +5,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from rayssl.data import (DataSpec, build_eval_datasets, build_train_dataset, ray_data_limits,  # noqa: E402
+from rayssl.data import (DataSpec, build_knn_dataset, build_train_dataset, ray_data_limits,  # noqa: E402
                          skip_stats, validate_source)
 from rayssl.data.prepare import convert_imagefolder  # noqa: E402
 from test_data_sources import make_clean_imagefolder, make_odd_imagefolder  # noqa: E402
@@ -16,6 +16,16 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance(ray_session):
     yield ray_session
+
+
+def _knn_splits(ds):
+    """(bank, query) columns of a k-NN dataset, split by its ``knn_split`` column."""
+    from rayssl.data import KNN_BANK, KNN_QUERY
+
+    rows = ds.take_batch(100_000)
+    split = rows["knn_split"]
+    assert set(split.tolist()) <= {KNN_BANK, KNN_QUERY}
+    return tuple({k: v[split == tag] for k, v in rows.items()} for tag in (KNN_BANK, KNN_QUERY))
 
 
 def _collect(ds):
@@ -46,9 +56,8 @@ def test_synthetic_train_stream_shapes_order_and_determinism():
 
 
 def test_synthetic_eval_datasets():
-    bank, query = build_eval_datasets(DataSpec(synthetic_n_train=48, synthetic_n_eval=20, eval_size=32,
-                                               knn_bank_size=30))
-    b, q = bank.take_batch(1000), query.take_batch(1000)
+    knn = build_knn_dataset(DataSpec(synthetic_n_train=48, synthetic_n_eval=20, eval_size=32, knn_bank_size=30))
+    b, q = _knn_splits(knn)
     assert b["image"].shape == (30, 3, 32, 32) and b["image"].dtype == np.uint8
     assert q["image"].shape == (20, 3, 32, 32) and q["label"].dtype == np.int64
     assert sorted(set(q["label"].tolist())) == list(range(10))
@@ -62,8 +71,8 @@ def test_imagefolder_bad_files_counted_and_others_used(tmp_path):
     assert len(a["epoch"]) == n == 14  # the corrupt slot is refilled: epoch length is kept
     stats = skip_stats(spec)
     assert stats["skipped"] == 1 and stats["first_bad"] == ["a/corrupt.jpg"]
-    bank, query = build_eval_datasets(spec)
-    assert bank.count() == 13 and query.count() == 4  # eval drops the corrupt image
+    bank, query = _knn_splits(build_knn_dataset(spec))
+    assert len(bank["label"]) == 13 and len(query["label"]) == 4  # eval drops the corrupt image
     assert skip_stats(spec)["skipped"] == 1  # the same bad file is counted once
 
 
@@ -77,8 +86,7 @@ def test_parquet_train_and_eval(tmp_path):
     assert a["global"].shape == (36, 2, 3, 32, 32)
     b = _collect(build_train_dataset(spec, seed=3, epochs=2))
     assert np.array_equal(a["global"], b["global"]) and np.array_equal(a["local"], b["local"])
-    bank, query = build_eval_datasets(spec)
-    bb, qq = bank.take_batch(100), query.take_batch(100)
+    bb, qq = _knn_splits(build_knn_dataset(spec))
     assert bb["image"].shape == (18, 3, 32, 32) and sorted(bb["label"].tolist()) == [0] * 6 + [1] * 6 + [2] * 6
     assert sorted(qq["label"].tolist()) == [0, 0, 1, 1, 2, 2]
 
@@ -173,5 +181,5 @@ def test_parquet_flat_dir_hash_split_stream(tmp_path):
     info = validate_source(spec)
     a = _collect(build_train_dataset(spec, seed=0, epochs=1))
     assert len(a["epoch"]) == info.n_train
-    bank, query = build_eval_datasets(spec)
-    assert bank.count() == info.n_train and query.count() == info.n_eval
+    bank, query = _knn_splits(build_knn_dataset(spec))
+    assert len(bank["label"]) == info.n_train and len(query["label"]) == info.n_eval

@@ -161,28 +161,31 @@ def test_knn_evaluation_retries_a_transient_data_failure(monkeypatch):
     cfg = compose(["model=micro", "model.layerscale_init=null", "train.knn_k=5"])
     torch.manual_seed(0)  # no LayerScale: distinct features, so no ties among neighbours
     micro_method = build_method(cfg.method.name, cfg.method_kwargs()).eval()
+    from rayssl.data import KNN_BANK, KNN_QUERY
+
     g = torch.Generator().manual_seed(0)
-    cache = {name: (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                    torch.arange(n) % 4) for name, n in (("knn_bank", 24), ("knn_query", 12))}
+    images = torch.randint(0, 256, (36, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.cat([torch.arange(24) % 4, torch.arange(12) % 4])
+    split = torch.tensor([KNN_BANK] * 24 + [KNN_QUERY] * 12)
+    cache = {"knn": (images, labels, split)}
     real = train.eval_batches
     calls = {"n": 0, "fail": 1}
 
-    def flaky(name, cache_, device, batch_size=256):
+    def flaky(cache_, device, batch_size=256):
         calls["n"] += 1
         if calls["n"] <= calls["fail"]:
             raise RuntimeError("ActorUnschedulableError: transient")
-        yield from real(name, cache_, device, batch_size=5)
+        yield from real(cache_, device, batch_size=5)  # batches holding bank and query rows
 
     monkeypatch.setattr(train, "eval_batches", flaky)
     monkeypatch.setattr(train.time, "sleep", lambda s: None)
     out = train.evaluate_knn(micro_method, cfg, torch.device("cpu"), cache=cache)
     with torch.no_grad():
-        feats = {k: micro_method.embed(v[0]).float() for k, v in cache.items()}
-    expected = knn_classify(feats["knn_bank"], cache["knn_bank"][1], feats["knn_query"], cache["knn_query"][1],
-                            ks=(5, 10, 100), n_classes=4)
+        feats = micro_method.embed(images).float()
+    expected = knn_classify(feats[:24], labels[:24], feats[24:], labels[24:], ks=(5, 10, 100), n_classes=4)
     assert out["knn_top1"] == pytest.approx(float(expected[5]))
     assert out["knn_top1_k100"] == pytest.approx(float(expected[100]))
-    assert calls["n"] == 3  # one failed attempt, then bank + query
+    assert calls["n"] == 2  # one failed attempt, then one pass over bank + queries
 
     calls.update(n=0, fail=10)
     with pytest.raises(RuntimeError, match="transient"):

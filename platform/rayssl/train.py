@@ -42,7 +42,7 @@ COLLAPSE_FRACTION = 0.95  # teacher target entropy above this fraction of ln K: 
 PCA_IMAGES = 4  # held-out images in the PCA picture at each k-NN evaluation
 SYSTEM_METRICS_INTERVAL_S = 10.0
 EVAL_ATTEMPTS = 3  # the k-NN eval sets are re-read from the start after a transient Ray Data failure
-EVAL_CACHE_BYTES = 1 << 30  # keep decoded k-NN bank + queries in rank 0's memory up to 1 GiB each
+EVAL_CACHE_BYTES = 2 << 30  # keep the decoded k-NN bank + queries in rank 0's memory up to 2 GiB
 
 
 class NonFiniteLossError(RuntimeError):
@@ -449,35 +449,40 @@ def evaluate_knn(method: torch.nn.Module, cfg: ExperimentConfig, device: torch.d
 
 def eval_features(method: torch.nn.Module, cache: Dict[str, Any], device: torch.device):
     """({"knn_bank" | "knn_query": (teacher CLS features [n, D], labels [n])}, first query images)."""
-    feats, first_queries = {}, None
-    for name in ("knn_bank", "knn_query"):
-        xs, ys = [], []
-        for images, labels in eval_batches(name, cache, device):
-            if name == "knn_query" and first_queries is None:
-                first_queries = images[:PCA_IMAGES]
-            xs.append(method.embed(images).float())
-            ys.append(labels)
-        feats[name] = (torch.cat(xs), torch.cat(ys))
-    return feats, first_queries
+    from rayssl.data import KNN_BANK, KNN_QUERY
+
+    xs, ys, splits, queries = [], [], [], []
+    for images, labels, split in eval_batches(cache, device):
+        if sum(len(q) for q in queries) < PCA_IMAGES:
+            queries.append(images[split == KNN_QUERY][:PCA_IMAGES])
+        xs.append(method.embed(images).float())
+        ys.append(labels)
+        splits.append(split)
+    x, y, split = torch.cat(xs), torch.cat(ys), torch.cat(splits)
+    feats = {"knn_bank": (x[split == KNN_BANK], y[split == KNN_BANK]),
+             "knn_query": (x[split == KNN_QUERY], y[split == KNN_QUERY])}
+    first_queries = torch.cat(queries)[:PCA_IMAGES] if queries else None
+    return feats, (first_queries if first_queries is not None and len(first_queries) else None)
 
 
-def eval_batches(name: str, cache: Dict[str, Any], device: torch.device, batch_size: int = 256):
-    """(images uint8 [b,3,S,S], labels [b]) of an eval dataset on ``device``: from Ray Data the first
-    time, then from ``cache`` if the whole set fits in EVAL_CACHE_BYTES (re-streaming it each
-    epoch costs a Ray Data execution)."""
-    if name in cache:
-        images, labels = cache[name]
-        for i in range(0, len(images), batch_size):
-            yield images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+def eval_batches(cache: Dict[str, Any], device: torch.device, batch_size: int = 256):
+    """(images uint8 [b,3,S,S], labels [b], knn_split [b]) of the k-NN dataset on ``device``: from
+    Ray Data the first time, then from ``cache`` if the whole set fits in EVAL_CACHE_BYTES
+    (re-streaming it each epoch costs a Ray Data execution)."""
+    if "knn" in cache:
+        columns = cache["knn"]
+        for i in range(0, len(columns[0]), batch_size):
+            yield tuple(c[i:i + batch_size].to(device) for c in columns)
         return
     kept, n_bytes = [], 0
-    for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=batch_size):
-        n_bytes += batch["image"].numel()
+    for batch in ray.train.get_dataset_shard("knn").iter_torch_batches(batch_size=batch_size):
+        columns = (batch["image"], batch["label"], batch["knn_split"])
+        n_bytes += columns[0].numel()
         if n_bytes <= EVAL_CACHE_BYTES:
-            kept.append((batch["image"], batch["label"]))
-        yield batch["image"].to(device), batch["label"].to(device)
+            kept.append(columns)
+        yield tuple(c.to(device) for c in columns)
     if n_bytes <= EVAL_CACHE_BYTES and kept:
-        cache[name] = (torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept]))
+        cache["knn"] = tuple(torch.cat(c) for c in zip(*kept))
 
 
 def check_finite(terms: Dict[str, torch.Tensor], step: int) -> torch.Tensor:

@@ -63,13 +63,13 @@ def build_trainer(cfg: ExperimentConfig, *, name: str, mlflow_run_id: str, n_tra
                   callbacks: Optional[List[Any]] = None) -> TorchTrainer:
     """A TorchTrainer whose workers stream multi-crop batches and log into ``mlflow_run_id``."""
     from ray.data import DataContext
-    from rayssl.data import build_eval_datasets, build_train_dataset, ray_data_limits
+    from rayssl.data import build_knn_dataset, build_train_dataset, ray_data_limits
 
     DataContext.get_current().enable_progress_bars = False  # this may be a Tune trial process
     spec = data_spec(cfg)
     # bad images are counted per run: concurrent trials on one source count apart
     train_ds = build_train_dataset(spec, seed=cfg.train.seed, epochs=cfg.train.epochs, run_key=mlflow_run_id)
-    bank_ds, query_ds = build_eval_datasets(spec, run_key=mlflow_run_id)  # rank 0 caches them after the first k-NN
+    knn_ds = build_knn_dataset(spec, run_key=mlflow_run_id)  # rank 0 caches it after the first k-NN
     t = cfg.train
     return TorchTrainer(
         train_loop_per_worker,
@@ -87,7 +87,7 @@ def build_trainer(cfg: ExperimentConfig, *, name: str, mlflow_run_id: str, n_tra
             use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})},
         ),
-        datasets={"train": train_ds, "knn_bank": bank_ds, "knn_query": query_ds},
+        datasets={"train": train_ds, "knn": knn_ds},
         # The k-NN bank and queries must be whole on the rank that evaluates.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ray_data_limits(spec)),
         run_config=ray.train.RunConfig(

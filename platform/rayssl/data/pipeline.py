@@ -284,6 +284,9 @@ class MultiCropWorker:
         return {"global": out_g, "local": out_l, "epoch": np.asarray(epochs, dtype=np.int64)}
 
 
+KNN_BANK, KNN_QUERY = 0, 1  # values of the k-NN dataset's ``knn_split`` column
+
+
 class EvalWorker:
     """``map_batches`` callable: rows (image bytes | path, label) -> EvalTransform uint8 + label."""
 
@@ -313,7 +316,8 @@ class EvalWorker:
             except Exception:  # noqa: BLE001
                 bad.append(str(batch["key"][i]) if "key" in batch else str(i))
         self.reporter.add(bad)
-        return {"image": out[ok], "label": np.asarray(batch["label"], dtype=np.int64)[ok]}
+        return {"image": out[ok], "label": np.asarray(batch["label"], dtype=np.int64)[ok],
+                "knn_split": np.asarray(batch["knn_split"], dtype=np.int64)[ok]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,11 +432,11 @@ class ParquetUnitsDatasource(Datasource):
     """
 
     def __init__(self, units, columns, hash_split=False, keep_held_out=False, add_label=False,
-                 shuffle_seed: Optional[int] = None):
+                 shuffle_seed: Optional[int] = None, constants: Optional[Dict[str, int]] = None):
         super().__init__()
         self.units, self.columns = list(units), list(columns)
         self.hash_split, self.keep_held_out, self.add_label = hash_split, keep_held_out, add_label
-        self.shuffle_seed = shuffle_seed
+        self.shuffle_seed, self.constants = shuffle_seed, dict(constants or {})
 
     def estimate_inmemory_data_size(self):
         return None
@@ -446,7 +450,8 @@ class ParquetUnitsDatasource(Datasource):
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=(path,), exec_stats=None)
             fn = functools.partial(_read_unit, path=path, epoch=epoch, columns=self.columns,
                                    hash_split=self.hash_split, keep_held_out=self.keep_held_out,
-                                   add_label=self.add_label, shuffle_seed=self.shuffle_seed)
+                                   add_label=self.add_label, shuffle_seed=self.shuffle_seed,
+                                   constants=self.constants)
             try:
                 tasks.append(ReadTask(fn, meta, per_task_row_limit=per_task_row_limit))
             except TypeError:  # older ReadTask signature
@@ -460,7 +465,7 @@ def _row_order(n: int, seed: int, epoch: int, path: str) -> np.ndarray:
 
 
 def _read_unit(path: str, epoch: Optional[int], columns: List[str], hash_split: bool, keep_held_out: bool,
-               add_label: bool, shuffle_seed: Optional[int] = None):
+               add_label: bool, shuffle_seed: Optional[int] = None, constants: Optional[Dict[str, int]] = None):
     import pyarrow as pa
 
     from rayssl.data.sources import _open_parquet
@@ -483,16 +488,18 @@ def _read_unit(path: str, epoch: Optional[int], columns: List[str], hash_split: 
             t = t.append_column("label", pa.array(np.full(t.num_rows, -1, dtype=np.int64)))
         if epoch is not None:
             t = t.append_column("epoch", pa.array(np.full(t.num_rows, epoch, dtype=np.int64)))
+        for name, value in (constants or {}).items():
+            t = t.append_column(name, pa.array(np.full(t.num_rows, value, dtype=np.int64)))
         if t.num_rows:
             yield t
 
 
 def _read_parquet_units(units, columns, hash_split=False, keep_held_out=False, add_label=False,
-                        shuffle_seed: Optional[int] = None):
+                        shuffle_seed: Optional[int] = None, constants: Optional[Dict[str, int]] = None):
     import ray
 
     src = ParquetUnitsDatasource(units, columns, hash_split=hash_split, keep_held_out=keep_held_out,
-                                 add_label=add_label, shuffle_seed=shuffle_seed)
+                                 add_label=add_label, shuffle_seed=shuffle_seed, constants=constants)
     return ray.data.read_datasource(src, num_cpus=READ_CPUS)
 
 
@@ -502,11 +509,14 @@ def _subset(n: int, size: Optional[int]) -> np.ndarray:
     return np.sort(np.random.default_rng(stable_hash("knn-subset", n, size)).permutation(n)[:size])
 
 
-def build_eval_datasets(spec, run_key: str = ""):
-    """(bank, query) datasets, columns ``image`` uint8 [3,S,S] and ``label`` int64.
+def build_knn_dataset(spec, run_key: str = ""):
+    """The k-NN evaluation sets as one dataset: columns ``image`` uint8 [3,S,S], ``label`` int64,
+    ``knn_split`` int64 (:data:`KNN_BANK` or :data:`KNN_QUERY`; the two may interleave).
 
-    bank: labelled train images (``knn_bank_size`` of them, a fixed subset), query:
-    held-out images (``knn_query_size``); un-augmented :class:`dinov3.augment.EvalTransform`.
+    Bank: labelled train images (``knn_bank_size`` of them, a fixed subset); queries: held-out
+    images (``knn_query_size``); un-augmented :class:`dinov3.augment.EvalTransform`. One
+    dataset, not two, because each Ray Data execution starts its own actor pool (seconds on a
+    small node, paid at every run's first k-NN evaluation).
     """
     import pyarrow as pa
     import ray
@@ -516,12 +526,12 @@ def build_eval_datasets(spec, run_key: str = ""):
     counter = skip_counter_name(spec, run_key)
     _get_or_create_counter(counter)
     fn_kwargs = dict(size=int(spec.eval_size), counter_name=counter)
-    sizes = {"train": spec.knn_bank_size, "eval": spec.knn_query_size}
-    out = []
-    for split in ("train", "eval"):
+    parts = []
+    for split, tag, size in (("train", KNN_BANK, spec.knn_bank_size), ("eval", KNN_QUERY, spec.knn_query_size)):
         if spec.name in ("synthetic", "imagefolder"):
             table = _indexed_table(spec, split)
-            table = table.take(pa.array(_subset(table.num_rows, sizes[split])))
+            table = table.take(pa.array(_subset(table.num_rows, size)))
+            table = table.append_column("knn_split", pa.array(np.full(table.num_rows, tag, dtype=np.int64)))
             chunk = max(64, math.ceil(table.num_rows / 16))
             blocks = [table.slice(i, chunk) for i in range(0, table.num_rows, chunk)] or [table]
             ds = ray.data.from_arrow(blocks)
@@ -532,14 +542,16 @@ def build_eval_datasets(spec, run_key: str = ""):
                 raise DataSourceError(f"data.path={lst.root}: no held-out split")
             cols = ["image"] + (["label"] if lst.has_label else []) + (["key"] if lst.has_key else [])
             ds = _read_parquet_units([(None, f) for f in files], cols, hash_split=lst.hash_split,
-                                     keep_held_out=split == "eval", add_label=not lst.has_label)
-            if sizes[split] is not None:
-                ds = ds.limit(int(sizes[split]))
-        # 0 logical CPUs: k-NN evaluation runs while the train stream's actors hold their CPUs
-        # (and Train holds the rest); a CPU request here could wait forever on small machines.
-        ds = ds.map_batches(EvalWorker, fn_constructor_kwargs=fn_kwargs, batch_size=256, batch_format="numpy",
-                            num_cpus=0, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(spec.num_actors))))
-        out.append(_configure(ds, spec))
-    return out[0], out[1]
+                                     keep_held_out=split == "eval", add_label=not lst.has_label,
+                                     constants={"knn_split": tag})
+            if size is not None:
+                ds = ds.limit(int(size))
+        parts.append(ds)
+    # 0 logical CPUs: k-NN evaluation runs while the train stream's actors hold their CPUs
+    # (and Train holds the rest); a CPU request here could wait forever on small machines.
+    ds = parts[0].union(parts[1]).map_batches(
+        EvalWorker, fn_constructor_kwargs=fn_kwargs, batch_size=256, batch_format="numpy", num_cpus=0,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(spec.num_actors))))
+    return _configure(ds, spec)
 
 
