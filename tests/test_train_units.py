@@ -191,3 +191,29 @@ def test_knn_evaluation_retries_a_transient_data_failure(monkeypatch):
     with pytest.raises(RuntimeError, match="transient"):
         train.evaluate_knn(micro_method, cfg, torch.device("cpu"), cache=cache)
     assert calls["n"] == train.EVAL_ATTEMPTS
+
+
+def test_first_item_is_fetched_ahead_in_the_background():
+    """The train loop's iterator starts fetching its first batch at construction (so the train
+    stream starts up during the initial k-NN evaluation); items and errors come through in order."""
+    import threading
+
+    from rayssl.train import FirstFetchedAhead
+
+    started = threading.Event()
+
+    def items():
+        started.set()
+        yield from (1, 2, 3)
+
+    it = FirstFetchedAhead(items())
+    assert started.wait(5), "the first item was not requested before it was taken"
+    assert list(it) == [1, 2, 3]
+    assert list(FirstFetchedAhead(iter(()))) == []
+
+    def failing():
+        raise ValueError("stream broke")
+        yield  # noqa: unreachable
+
+    with pytest.raises(ValueError, match="stream broke"):
+        next(FirstFetchedAhead(failing()))

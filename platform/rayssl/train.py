@@ -110,7 +110,9 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     batches = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=cfg.train.batch_size, prefetch_batches=cfg.train.prefetch_batches,
         drop_last=True, device=device)
-    batch_iter = iter(batches)
+    # The first batch is fetched in a background thread from here on: the train stream starts
+    # its actors while rank 0 runs the initial k-NN evaluation, not after it.
+    batch_iter = FirstFetchedAhead(iter(batches))
     collapse_entropy = COLLAPSE_FRACTION * math.log(cfg.model.n_cls_prototypes)
     ckpt_every = cfg.train.checkpoint_every
 
@@ -364,6 +366,36 @@ class ResumableLogger(MetricLogger):
         fresh = {k: v for k, v in metrics.items() if step > self.floor.get(k, -1)}
         if fresh:
             super().log(fresh, step)
+
+
+class FirstFetchedAhead:
+    """An iterator whose first item is being fetched in a background thread from construction."""
+
+    def __init__(self, it):
+        import threading
+        from concurrent.futures import Future
+
+        self._it, self._first = it, Future()
+
+        def fetch():
+            try:
+                self._first.set_result(next(it, None))
+            except BaseException as err:  # noqa: BLE001  raised where the item is taken
+                self._first.set_exception(err)
+
+        # a daemon: a run that ends before taking the item must not wait for it at exit
+        threading.Thread(target=fetch, name="first-batch", daemon=True).start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._first is not None:
+            first, self._first = self._first.result(), None
+            if first is None:
+                raise StopIteration
+            return first
+        return next(self._it)
 
 
 class FaultInjector:
