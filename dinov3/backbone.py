@@ -62,7 +62,12 @@ def create_timm_vit(
     if is_dinov3_family(name):
         if layerscale_init is not None:
             kwargs["init_values"] = layerscale_init
-        model = timm.create_model(name, **load, num_reg_tokens=n_register_tokens, class_token=True, **kwargs)
+        model = timm.create_model(name, num_reg_tokens=n_register_tokens, class_token=True, **kwargs)
+        if pretrained:
+            # Released vit_*_dinov3 checkpoints hold the arch's register count (4) and a sweep
+            # may vary it: let timm load into the arch's own layout, then copy across.
+            source = timm.create_model(name, **load, class_token=True, **kwargs)
+            _copy_pretrained_eva(source, model)
     else:
         # Released vit_* checkpoints have no LayerScale: adding it would break strict loading.
         if layerscale_init is not None and not pretrained:
@@ -102,6 +107,22 @@ def _copy_pretrained_vit(src: VisionTransformer, dst: VisionTransformer) -> None
     fresh = set(dst_sd) - set(loaded)
     dropped = set(src_sd) - set(loaded)
     if fresh - {"reg_token", "cls_token"} or dropped - {"reg_token"}:
+        raise RuntimeError(f"pretrained copy: unexpected fresh {sorted(fresh)} / dropped {sorted(dropped)} keys")
+    dst.load_state_dict(loaded, strict=False)
+
+
+def _copy_pretrained_eva(src: Eva, dst: Eva) -> None:
+    """Copy a loaded ``src`` into ``dst`` that differs at most in its register count: every
+    weight, and the first ``min(n_src, n_dst)`` registers (extra ones keep ``dst``'s init)."""
+    src_sd, dst_sd = src.state_dict(), dst.state_dict()
+    loaded = {k: v for k, v in src_sd.items() if k in dst_sd and v.shape == dst_sd[k].shape}
+    if "reg_token" in src_sd and "reg_token" in dst_sd and "reg_token" not in loaded:
+        n = min(src_sd["reg_token"].shape[1], dst_sd["reg_token"].shape[1])
+        reg = dst_sd["reg_token"].clone()
+        reg[:, :n] = src_sd["reg_token"][:, :n]
+        loaded["reg_token"] = reg
+    fresh, dropped = set(dst_sd) - set(loaded), set(src_sd) - set(loaded)
+    if fresh - {"reg_token"} or dropped - {"reg_token"}:
         raise RuntimeError(f"pretrained copy: unexpected fresh {sorted(fresh)} / dropped {sorted(dropped)} keys")
     dst.load_state_dict(loaded, strict=False)
 

@@ -1,7 +1,9 @@
-"""``pretrained=True`` for ``vit_*`` backbones with registers, through timm's own loading path.
+"""``pretrained=True`` for ``vit_*`` and ``vit_*_dinov3`` backbones with registers, through
+timm's own loading path.
 
-Released timm ``vit_*`` checkpoints have no register tokens (pos_embed = CLS + patches); timm
-reads a local checkpoint here (``pretrained_file`` -> ``pretrained_cfg_overlay``), no download.
+Released timm ``vit_*`` checkpoints have no register tokens (pos_embed = CLS + patches);
+``vit_*_dinov3`` ones (Eva, RoPE) hold 4 registers while a sweep may ask for another count.
+timm reads a local checkpoint here (``pretrained_file`` -> ``pretrained_cfg_overlay``), no download.
 """
 
 import pytest
@@ -82,3 +84,41 @@ def test_pretrained_other_img_size_resamples_patch_pos_embed(checkpoint):
     with torch.no_grad():
         out = MaskableViT(vit).eval()(torch.randn(1, 3, img, img))
     assert out.shape == (1, 1 + 4 + 36, vit.embed_dim)
+
+
+DINOV3_ARCH = "vit_small_patch16_dinov3"
+
+
+@pytest.fixture(scope="module")
+def dinov3_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    src = timm.create_model(DINOV3_ARCH, img_size=SAVED_IMG, patch_size=PATCH, depth=DEPTH, num_classes=0,
+                            num_reg_tokens=4, class_token=True, init_values=1e-5)
+    with torch.no_grad():  # every tensor distinguishable from a fresh init (tokens, LayerScale, ...)
+        for p in src.parameters():
+            p.normal_()
+    path = tmp_path_factory.mktemp("ckpt") / "vit_small_dinov3.pth"
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    torch.save(sd, path)
+    return str(path), sd
+
+
+@pytest.mark.parametrize("n_reg,img", [(4, SAVED_IMG), (2, SAVED_IMG), (6, SAVED_IMG), (4, 48)])
+def test_pretrained_dinov3_family_any_register_count(dinov3_checkpoint, n_reg, img):
+    path, saved = dinov3_checkpoint
+    eva = create_timm_vit(DINOV3_ARCH, img, PATCH, depth=DEPTH, n_register_tokens=n_reg,
+                          pretrained=True, pretrained_file=path)
+    own = eva.state_dict()
+    assert set(own) == set(saved)
+    for key, value in saved.items():
+        if key != "reg_token":
+            torch.testing.assert_close(own[key], value, rtol=0, atol=0, msg=key)
+    n = min(n_reg, 4)
+    assert own["reg_token"].shape == (1, n_reg, eva.embed_dim)
+    torch.testing.assert_close(own["reg_token"][:, :n], saved["reg_token"][:, :n], rtol=0, atol=0)
+    if n_reg > 4:  # extra registers keep their fresh init, none is a copy of a saved one
+        extra = own["reg_token"][0, 4:]
+        assert not any(torch.equal(e, r) for e in extra for r in saved["reg_token"][0])
+    with torch.no_grad():
+        out = MaskableViT(eva).eval()(torch.randn(1, 3, img, img))
+    assert out.shape == (1, 1 + n_reg + (img // PATCH) ** 2, eva.embed_dim) and torch.isfinite(out).all()
