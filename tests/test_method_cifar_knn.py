@@ -1,17 +1,18 @@
-"""A micro DINOv3 model trained on CIFAR-10 for about 1.5 minutes of CPU raises the k-NN
-top-1 of its teacher's CLS features over its random initialisation (plain PyTorch: no Ray).
+"""A micro DINOv3 model trained on CIFAR-10 for under a minute of CPU raises the k-NN top-1
+of its teacher's CLS features over its random initialisation (plain PyTorch: no Ray).
 
 The model is the recipe's (LayerScale 1e-5, registers, block masking, Sinkhorn, KoLeo), so
 at initialisation every block is close to the identity and the CLS output barely depends on
 the image: the untrained k-NN sits near chance (10 %). Training must make it depend on the
 image in a way that ranks neighbours by class. Measured with this exact configuration on 2
 cores (seeds 0, 1, 2 for the model, the image subsets and the crops): initial 10.4 / 11.1 /
-11.0 %, after 300 steps 26.0 / 27.1 / 22.8 % (gains 15.6 / 16.0 / 11.8 points); mean loss
-of the first 20 steps 9.29 / 9.30 / 9.32, of the last 20 7.98 / 7.99 / 7.99. The test runs
-seed 0: about 96 s for the run, 100 s wall for pytest on an otherwise idle 2-core machine.
-The thread count changes the numbers too (seed 0 with 1 thread: 28.5 %).
+11.0 %, after 150 steps 28.3 / 26.3 / 25.0 % (gains 17.9 / 15.2 / 14.0 points); mean loss
+of the first 20 steps 9.06 / 9.06 / 9.08, of the last 20 8.02 / 8.03 / 8.04. (200 steps:
+29.2 / 26.0 / 21.2 %; 300 steps: 26.0 / 27.1 / 22.8 %: the schedules are per run, so a
+shorter run is not a prefix of a longer one.) The test runs seed 0: about 45 s on an
+otherwise idle 2-core machine. The thread count changes the numbers too.
 
-What the gain does and does not show: in 300 steps the teacher's CLS targets stay close to
+What the gain does and does not show: in 150-300 steps the teacher's CLS targets stay close to
 uniform (their entropy stays near ln 256), so the gain comes mostly from the blocks turning
 on (KoLeo, iBOT) rather than from class-level self-distillation. The same network without
 LayerScale already gets 23.5-25.8 % untrained, and 300 steps (teacher temperature 0.02, so
@@ -29,7 +30,7 @@ import torch
 
 from conftest import cifar10_dir
 
-N_TRAIN, N_BANK, N_QUERY, BATCH, STEPS = 4000, 2000, 1000, 64, 300
+N_TRAIN, N_BANK, N_QUERY, BATCH, STEPS = 4000, 2000, 1000, 64, 150
 MODEL = dict(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
              drop_path_rate=0.0, n_register_tokens=4, head_hidden_dim=256, head_bottleneck_dim=64,
              n_cls_prototypes=256, n_patch_prototypes=128)
@@ -105,6 +106,7 @@ def test_micro_model_on_cifar10_raises_knn_over_random_init():
     final = knn_top1()
 
     assert all(math.isfinite(v) for v in losses)
-    assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 1.0, (losses[:3], losses[-3:])
-    # seeds 0-2 gave +11.8 to +16.0 points and 22.8 % at least; chance is 10 %
+    # seeds 0-2: the mean loss fell by 1.03-1.04 between the first and the last 20 steps
+    assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.5, (losses[:3], losses[-3:])
+    # seeds 0-2 gave +14.0 to +17.9 points and 25.0 % at least; chance is 10 %
     assert final >= init + 8.0 and final >= 20.0, f"k-NN top-1 {init:.1f}% at init -> {final:.1f}% after {STEPS} steps"
