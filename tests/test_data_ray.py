@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 
@@ -139,7 +140,9 @@ def test_all_bad_batches_keep_every_row(tmp_path):
         return buf.getvalue()
 
     spec = DataSpec(name="parquet", path=str(tmp_path), n_local=2)
+    threads = torch.get_num_threads()
     w = MultiCropWorker(spec=spec.to_dict(), seed=0, start_epoch=0, n_rows=0, counter_name="rayssl_test_bad_rows")
+    torch.set_num_threads(threads)  # the actor class pins its process to 1 thread; not this one
 
     def batch(datas, keys):
         return {"image": np.array(datas, dtype=object), "key": np.array(keys), "epoch": np.zeros(len(keys), np.int64)}
