@@ -15,6 +15,7 @@ output: ``[CLS, registers, patches]``.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import timm
@@ -219,5 +220,6 @@ class MaskableViT(nn.Module):
 def build_backbone(cfg) -> MaskableViT:
     """``cfg``: a :class:`dinov3.config.DINOv3Config`."""
     vit = create_timm_vit(cfg.backbone, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
-                          cfg.n_register_tokens, cfg.drop_path_rate, cfg.layerscale_init, cfg.pretrained)
+                          cfg.n_register_tokens, cfg.drop_path_rate, cfg.layerscale_init, cfg.pretrained,
+                          os.path.expanduser(cfg.pretrained_file) if cfg.pretrained_file else None)
     return MaskableViT(vit, lean_mlp=cfg.lean_mlp)

@@ -17,6 +17,7 @@ fixed ratio ``mask_ratio`` (``mask_probability`` and ``mask_ratio_spread`` are i
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -37,6 +38,7 @@ class DINOv3Config:
     drop_path_rate: float = 0.1  # uniform over depth; 0.1 ViT-S, 0.3 ViT-B/L
     layerscale_init: Optional[float] = 1e-5  # None = no LayerScale (vit_* only)
     pretrained: bool = False
+    pretrained_file: Optional[str] = None  # local checkpoint timm reads for pretrained=True (no hub)
     lean_mlp: bool = True  # fused, activation-lean MLP branch in fp32 training (dinov3.fused)
     split_backward: bool = True  # one backward for the local crops, one for the globals (DINOv3.backward_parts)
     # ---- heads ----
@@ -103,6 +105,9 @@ class DINOv3Config:
         check(self.n_register_tokens >= 0, "n_register_tokens", "must be >= 0")
         check(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "must be in [0, 1)")
         check(self.layerscale_init is None or self.layerscale_init > 0, "layerscale_init", "must be None or > 0")
+        check(self.pretrained_file is None or self.pretrained, "pretrained_file", "needs pretrained=True")
+        check(self.pretrained_file is None or os.path.isfile(os.path.expanduser(str(self.pretrained_file))),
+              "pretrained_file", "no such file")
         for name in ("head_hidden_dim", "head_bottleneck_dim", "n_cls_prototypes", "n_patch_prototypes",
                      "sinkhorn_iterations", "lr_reference_batch"):
             check(getattr(self, name) >= 1, name, "must be >= 1")

@@ -80,6 +80,9 @@ def test_default_tracking_store_is_absolute_sqlite_at_repo_root():
     ("method.freeze_last_layer_epochs=-1", "method.freeze_last_layer_epochs"),
     ("method.gram_refresh_every=-5", "method.gram_refresh_every"),
     ("model.backbone=resnet50", "model.backbone='resnet50': must be a timm vit_"),
+    ("model.pretrained_file=/nonexistent/vit.pth", "model.pretrained_file='/nonexistent/vit.pth': needs pretrained"),
+    ("model.pretrained=true model.pretrained_file=/nonexistent/vit.pth",
+     "model.pretrained_file='/nonexistent/vit.pth': no such file"),
     ("train.epochs=0", "train.epochs"),
     ("train.epochs=abc", "train.epochs"),
     ("data.global_size=30", "data.global_size"),
@@ -91,7 +94,7 @@ def test_invalid_values_raise_naming_the_key(override, key):
     from rayssl.config import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(key)):
-        compose([override])
+        compose(override.split(" "))
 
 
 def test_clip_grad_zero_turns_clipping_off():

@@ -122,3 +122,16 @@ def test_pretrained_dinov3_family_any_register_count(dinov3_checkpoint, n_reg, i
     with torch.no_grad():
         out = MaskableViT(eva).eval()(torch.randn(1, 3, img, img))
     assert out.shape == (1, 1 + n_reg + (img // PATCH) ** 2, eva.embed_dim) and torch.isfinite(out).all()
+
+
+def test_pretrained_file_through_the_method_config(checkpoint):
+    """``pretrained_file`` reaches timm from the method's config (model.pretrained_file)."""
+    from dinov3 import build_method
+
+    path, saved = checkpoint
+    method = build_method(dict(backbone=ARCH, img_size=SAVED_IMG, patch_size=PATCH, embed_dim=192, depth=DEPTH,
+                               num_heads=3, n_register_tokens=4, layerscale_init=None, pretrained=True,
+                               pretrained_file=path, head_hidden_dim=32, head_bottleneck_dim=16,
+                               n_cls_prototypes=32, n_patch_prototypes=16))
+    for vit in (method.student["backbone"].vit, method.teacher["backbone"].vit):
+        assert_non_pos_weights_equal(vit, saved)

@@ -33,6 +33,7 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     layerscale_init: Optional[float] = 1e-5  # null: no LayerScale (short runs of small models learn faster)
     pretrained: bool = False
+    pretrained_file: Optional[str] = None  # a local checkpoint for pretrained=true (no hub download)
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     n_cls_prototypes: int = 65536
