@@ -90,7 +90,7 @@ def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, par
     tracking.log_figure(uri, parent, fig, "summary/best_so_far.png")
     plt.close(fig)
 
-    best = results.get_best_result(metric=metric, mode=mode, scope="last")
+    best = best_result(results, metric, mode, cfg.train.epochs)
     best_trial = best.metrics.get("trial_id")
     best_run = run_ids.get(best_trial)
     tracking.set_tags(uri, parent, {"best_trial_id": best_trial, "best_run_id": best_run,
@@ -107,3 +107,14 @@ def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, par
     log.info("best trial %s: %s = %.2f with %s\n  MLflow: %s", best_trial, metric, best.metrics.get(metric),
              best.config, summary["best"]["url"])
     return summary
+
+
+def best_result(results, metric: str, mode: str, epochs: int):
+    """The best trial by its last report, among the trials that trained every epoch when any
+    did: under early stopping a stopped trial's last report comes from a smaller budget, and
+    that trial has no final model to register."""
+    done = [r for r in results
+            if not r.error and r.metrics and r.metrics.get("epoch") == epochs and r.metrics.get(metric) is not None]
+    if not done:
+        return results.get_best_result(metric=metric, mode=mode, scope="last")
+    return (max if mode == "max" else min)(done, key=lambda r: r.metrics[metric])
