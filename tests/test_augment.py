@@ -150,6 +150,60 @@ def test_eval_transform():
     assert EvalTransform(16)(_img(8, 8)).shape == (3, 16, 16)
 
 
+def test_uint8_resize_equals_torchvision():
+    """The actors' own resize/crop (no torchvision import) gives torchvision's exact pixels,
+    for contiguous and channels-last (decoded HWC) images, down- and up-scaling."""
+    from torchvision.transforms import InterpolationMode
+
+    bicubic = InterpolationMode.BICUBIC
+    g = torch.Generator().manual_seed(0)
+    n = 0
+    for h, w in [(48, 40), (32, 32), (7, 300), (1, 1), (257, 193)]:
+        hwc = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g)
+        for img in (hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()):
+            assert torch.equal(A.resize_uint8(img, (h, w)), img)
+            for _ in range(12):
+                t, l = int(torch.randint(0, h, (1,), generator=g)), int(torch.randint(0, w, (1,), generator=g))
+                bh, bw = int(torch.randint(1, h - t + 1, (1,), generator=g)), int(torch.randint(1, w - l + 1, (1,), generator=g))
+                size = int(torch.randint(1, 64, (1,), generator=g))
+                ours = A.resized_crop_uint8(img, t, l, bh, bw, size)
+                ref = F.resized_crop(img, t, l, bh, bw, [size, size], interpolation=bicubic, antialias=True)
+                assert ours.shape == (3, size, size) and torch.equal(ours, ref), (h, w, t, l, bh, bw, size)
+                n += 1
+            for size in [(h + 5, w), (max(1, h // 3), 2 * w)]:
+                assert torch.equal(A.resize_uint8(img, size), F.resize(img, list(size), interpolation=bicubic,
+                                                                          antialias=True))
+    assert n == 120
+
+
+def test_eval_transform_equals_torchvision():
+    from torchvision.transforms import InterpolationMode
+
+    for size, (h, w) in [(32, (50, 70)), (32, (70, 50)), (224, (300, 400)), (16, (8, 8)), (32, (37, 37)),
+                         (224, (256, 256))]:
+        tf = EvalTransform(size)
+        img = _img(h, w, seed=size + h)
+        ref = F.center_crop(F.resize(img, [tf.resize_size], interpolation=InterpolationMode.BICUBIC,
+                                     antialias=True), [size, size])
+        assert torch.equal(tf(img), ref), (size, h, w)
+    with pytest.raises(ValueError, match="resize_ratio"):
+        EvalTransform(32, resize_ratio=0.9)
+
+
+def test_augment_imports_neither_torchvision_nor_timm():
+    """A data actor imports dinov3.augment: it must not pay for timm or torchvision
+    (~2 s and ~200 MiB per actor process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dinov3.augment, dinov3\n"
+            "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))\n"
+            "dinov3.build_method\n"
+            "print('timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "True"  # lazy names still resolve
+
+
 def test_normalize():
     x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     y = normalize(x)
