@@ -1,5 +1,5 @@
 """Training-loop pieces without Ray: NaN guard, resumable metric logging, collapse threshold,
-exported encoder (safetensors + MLflow model) and the PCA picture."""
+data-starvation advice, exported encoder (safetensors + MLflow model) and the PCA picture."""
 
 import io
 import math
@@ -90,6 +90,31 @@ def test_collapse_threshold_is_near_uniform_entropy():
     peaked = torch.softmax(torch.randn(4, k) * 10, dim=-1)
     assert entropy(uniform) > COLLAPSE_FRACTION * math.log(k)
     assert entropy(peaked) < COLLAPSE_FRACTION * math.log(k)
+
+
+def test_data_starvation_hint_sizes_the_actor_pool():
+    from rayssl.train import DATA_WAIT_WARN, data_starvation_hint
+
+    data = compose(["data.num_actors=8"]).data
+    assert data_starvation_hint(DATA_WAIT_WARN, data) is None  # waiting 20% or less: no advice
+    # waited 75%: the step alone runs 4x as fast as the 8 actors feed it -> 32 actors
+    hint = data_starvation_hint(0.75, data)
+    assert "75%" in hint and "about 32 actors" in hint and "data.num_actors=8" in hint
+    # max_cpus caps the pool at 4 actors (build_train_dataset): 4 / 0.25 = 16
+    capped = compose(["data.num_actors=8", "data.max_cpus=4"]).data
+    hint = data_starvation_hint(0.75, capped)
+    assert "about 16 actors" in hint and "data.max_cpus=4" in hint
+    assert "about 160 actors" in data_starvation_hint(0.999, data)  # bounded at 20x
+
+
+def test_unnamed_training_runs_never_share_a_name():
+    """Only a chosen train.run_name resumes; two unnamed runs get their own checkpoint folders."""
+    from rayssl.trainer import training_run_name
+
+    cfg = compose(["model=micro"])
+    a, b = training_run_name(cfg), training_run_name(cfg)
+    assert a != b and a.startswith(f"train-{cfg.model.backbone}-{cfg.data.name}-")
+    assert training_run_name(compose(["model=micro", "train.run_name=mine"])) == "mine"
 
 
 def test_export_encoder_matches_embed_and_reloads_identically(micro_method, tmp_path):

@@ -43,6 +43,7 @@ PCA_IMAGES = 4  # held-out images in the PCA picture at each k-NN evaluation
 SYSTEM_METRICS_INTERVAL_S = 10.0
 EVAL_ATTEMPTS = 3  # the k-NN eval sets are re-read from the start after a transient Ray Data failure
 EVAL_CACHE_BYTES = 2 << 30  # keep the decoded k-NN bank + queries in rank 0's memory up to 2 GiB
+DATA_WAIT_WARN = 0.2  # rank 0 warns when a telemetry window spent more than this share waiting for data
 
 
 class NonFiniteLossError(RuntimeError):
@@ -118,9 +119,10 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
     step, to_skip = start_step, start_step
     window, epoch_sums = defaultdict(float), defaultdict(float)
-    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    window_wait, window_steps = 0.0, 0
     last_window: Dict[str, float] = {}
-    warned_collapse = False
+    warned_collapse = warned_wait = False
+    n_windows = 0
     eval_cache: Dict[str, Any] = {}
     if rank == 0 and start_step == 0:
         # The same k-NN on the untrained teacher: the baseline every trial should beat.
@@ -129,6 +131,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     if rank == 0:
         log.info("training %d steps (%d epochs x %d steps, global batch %d on %d workers, %s)",
                  total_steps, cfg.train.epochs, steps_per_epoch, global_batch, world, device)
+    window_start = time.perf_counter()  # after the initial k-NN: the first window times training only
     if start_step >= total_steps and last_knn:
         # Resumed from the final checkpoint (e.g. a trial paused right after its last epoch):
         # nothing to train, but Tune must still see the last epoch's result.
@@ -194,6 +197,12 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                         log.warning("step %d: teacher target entropy %.4f > %.2f ln(K=%d) = %.4f: the teacher "
                                     "is near uniform collapse", step, entropy, COLLAPSE_FRACTION,
                                     cfg.model.n_cls_prototypes, collapse_entropy)
+                hint = data_starvation_hint(telemetry["train/data_wait_frac"], cfg.data)
+                # the first window also holds the stream's start-up: judge the steady state only
+                if hint and rank == 0 and n_windows > 0 and (epoch_end or not warned_wait):
+                    warned_wait = True
+                    log.warning("step %d: %s", step, hint)
+                n_windows += 1
                 if logger:
                     logger.log(telemetry, step)
                 last_window = telemetry
@@ -237,6 +246,26 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             log_encoder(method, tracking_uri, run_id, image_size=cfg.data.eval_size)
         except Exception as err:  # noqa: BLE001  the run itself succeeded
             log.warning("could not export the final teacher encoder: %s", err)
+
+
+def data_starvation_hint(wait_frac: float, data_cfg) -> Optional[str]:
+    """Advice when the training step waited for the next batch more than DATA_WAIT_WARN of a
+    window's wall time, else None.
+
+    The stream is then the bottleneck and delivers what its actors make; the step alone would
+    run 1 / (1 - wait_frac) times as fast, so about actors / (1 - wait_frac) actors keep it fed.
+    """
+    if wait_frac <= DATA_WAIT_WARN:
+        return None
+    actors = int(data_cfg.num_actors)
+    if data_cfg.max_cpus is not None:
+        actors = min(actors, max(1, int(data_cfg.max_cpus)))  # what build_train_dataset runs
+    need = math.ceil(actors / max(1.0 - wait_frac, 0.05))
+    cap = f", data.max_cpus={data_cfg.max_cpus:g}" if data_cfg.max_cpus is not None else ""
+    return (f"the step waited for data {100 * wait_frac:.0f}% of the time (data_wait_frac "
+            f"{wait_frac:.2f}): the multi-crop actors are the bottleneck; about {need} actors "
+            f"would keep up (now data.num_actors={data_cfg.num_actors}{cap}, "
+            f"{data_cfg.cpus_per_actor:g} CPU each)")
 
 
 def count_skipped(cfg: ExperimentConfig, epoch: int, run_id: str) -> float:

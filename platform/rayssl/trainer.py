@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import uuid
 from typing import Any, Dict, List, Optional
 
 import ray
@@ -100,15 +102,26 @@ def build_trainer(cfg: ExperimentConfig, *, name: str, mlflow_run_id: str, n_tra
     )
 
 
+def training_run_name(cfg: ExperimentConfig) -> str:
+    """``train.run_name``, else a new name per call: an unnamed run never picks up the
+    checkpoints of an earlier one (which may have had other epochs or settings)."""
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    return f"train-{cfg.model.backbone}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
 def run_training(cfg: ExperimentConfig) -> Dict[str, Any]:
-    """One training run (no sweep), logged to MLflow as one run; re-running the same name resumes."""
+    """One training run (no sweep), logged to MLflow as one run; re-running the same
+    ``train.run_name`` resumes it."""
     from rayssl.data import validate_source
 
     info = validate_source(data_spec(cfg))
     uri = cfg.tracking_uri
     exp_id = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
-    name = cfg.train.run_name or f"train-{cfg.model.backbone}-{cfg.data.name}"
-    run_id = tracking.find_run(uri, exp_id, {tracking.ROLE_TAG: "train", "rayssl.run_name": name})
+    name = training_run_name(cfg)
+    run_id = None
+    if cfg.train.run_name:  # a name the user chose: re-running it continues that run
+        run_id = tracking.find_run(uri, exp_id, {tracking.ROLE_TAG: "train", "rayssl.run_name": name})
     if run_id is None:
         run_id = tracking.create_run(uri, exp_id, name, tags={tracking.ROLE_TAG: "train", "rayssl.run_name": name})
     else:
