@@ -124,6 +124,8 @@ def run_training(cfg: ExperimentConfig) -> Dict[str, Any]:
         run_id = tracking.find_run(uri, exp_id, {tracking.ROLE_TAG: "train", "rayssl.run_name": name})
     if run_id is None:
         run_id = tracking.create_run(uri, exp_id, name, tags={tracking.ROLE_TAG: "train", "rayssl.run_name": name})
+        log.info("run %s, MLflow run %s (after a crash, re-run with train.run_name=%s to continue it)",
+                 name, run_id, name)
     else:
         log.info("continuing MLflow run %s (%s)", run_id, name)
         tracking.client(uri).update_run(run_id, status="RUNNING")
