@@ -122,7 +122,6 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     window_wait, window_steps = 0.0, 0
     last_window: Dict[str, float] = {}
     warned_collapse = warned_wait = False
-    n_windows = 0
     eval_cache: Dict[str, Any] = {}
     if rank == 0 and start_step == 0:
         # The same k-NN on the untrained teacher: the baseline every trial should beat.
@@ -197,12 +196,12 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                         log.warning("step %d: teacher target entropy %.4f > %.2f ln(K=%d) = %.4f: the teacher "
                                     "is near uniform collapse", step, entropy, COLLAPSE_FRACTION,
                                     cfg.model.n_cls_prototypes, collapse_entropy)
-                hint = data_starvation_hint(telemetry["train/data_wait_frac"], cfg.data)
-                # the first window also holds the stream's start-up: judge the steady state only
-                if hint and rank == 0 and n_windows > 0 and (epoch_end or not warned_wait):
-                    warned_wait = True
-                    log.warning("step %d: %s", step, hint)
-                n_windows += 1
+                # not after the first window (last_window empty): it also holds the stream's start-up
+                if rank == 0 and last_window and (epoch_end or not warned_wait):
+                    hint = data_starvation_hint(telemetry["train/data_wait_frac"], cfg.data)
+                    if hint:
+                        warned_wait = True
+                        log.warning("step %d: %s", step, hint)
                 if logger:
                     logger.log(telemetry, step)
                 last_window = telemetry
@@ -255,11 +254,11 @@ def data_starvation_hint(wait_frac: float, data_cfg) -> Optional[str]:
     The stream is then the bottleneck and delivers what its actors make; the step alone would
     run 1 / (1 - wait_frac) times as fast, so about actors / (1 - wait_frac) actors keep it fed.
     """
+    from rayssl.data import train_actor_count
+
     if wait_frac <= DATA_WAIT_WARN:
         return None
-    actors = int(data_cfg.num_actors)
-    if data_cfg.max_cpus is not None:
-        actors = min(actors, max(1, int(data_cfg.max_cpus)))  # what build_train_dataset runs
+    actors = train_actor_count(data_cfg)
     need = math.ceil(actors / max(1.0 - wait_frac, 0.05))
     cap = f", data.max_cpus={data_cfg.max_cpus:g}" if data_cfg.max_cpus is not None else ""
     return (f"the step waited for data {100 * wait_frac:.0f}% of the time (data_wait_frac "

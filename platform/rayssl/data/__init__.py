@@ -1,6 +1,6 @@
 """rayssl.data: sources, validation and Ray Data pipelines for DINOv3 training.
 
-Public API (see CONTRACT.md):
+Public API:
 
 * :class:`DataSpec` (the ``data`` config group), :class:`SourceInfo`, :class:`DataSourceError`
 * :func:`validate_source` (driver side, no Ray) -> SourceInfo(n_train, n_eval, class_names)
@@ -8,6 +8,7 @@ Public API (see CONTRACT.md):
   ``global`` [2,3,G,G] / ``local`` [n_local,3,L,L] uint8 and ``epoch`` int64, epoch-ordered
 * :func:`build_knn_dataset` (spec, run_key="") -> the k-NN bank and queries in one dataset: ``image``
   uint8 [3,S,S], ``label`` int64, ``knn_split`` int64 (``KNN_BANK`` | ``KNN_QUERY``)
+* :func:`train_actor_count` (spec) -> the multi-crop actors the train stream runs
 * :func:`ray_data_limits` (spec) -> ExecutionOptions for ``ray.train.DataConfig``
   (CPU cap :func:`data_cpu_budget`: ``max_cpus``, else ``num_actors * cpus_per_actor``;
   ``preserve_order``, needed for epoch order under Train)
@@ -19,10 +20,10 @@ Public API (see CONTRACT.md):
 from rayssl.data.spec import DataSourceError, DataSpec, SourceInfo
 from rayssl.data.sources import decode_image, row_seed, stable_hash, validate_source
 from rayssl.data.pipeline import (KNN_BANK, KNN_QUERY, build_knn_dataset, build_train_dataset, data_cpu_budget,
-                                  ray_data_limits, skip_counter_name, skip_stats)
+                                  ray_data_limits, skip_counter_name, skip_stats, train_actor_count)
 from rayssl.data.prepare import convert_imagefolder
 from rayssl.data.cifar10 import ensure_cifar10
 
 __all__ = ["DataSpec", "SourceInfo", "DataSourceError", "validate_source", "build_train_dataset",
-           "build_knn_dataset", "KNN_BANK", "KNN_QUERY", "ray_data_limits", "data_cpu_budget", "skip_stats", "skip_counter_name",
+           "build_knn_dataset", "KNN_BANK", "KNN_QUERY", "ray_data_limits", "data_cpu_budget", "train_actor_count", "skip_stats", "skip_counter_name",
            "convert_imagefolder", "ensure_cifar10", "decode_image", "row_seed", "stable_hash"]

@@ -349,6 +349,13 @@ def data_cpu_budget(spec) -> float:
     return float(max(1, int(spec.num_actors)) * float(spec.cpus_per_actor))
 
 
+def train_actor_count(spec) -> int:
+    """Multi-crop actors the train stream runs: ``num_actors``, at most ``max_cpus`` (>= 1)."""
+    spec = resolve_spec(spec)
+    n = int(spec.num_actors)
+    return min(n, max(1, int(spec.max_cpus))) if spec.max_cpus is not None else n
+
+
 def _configure(ds, spec: DataSpec):
     opts = ray_data_limits(spec)
     ds.context.execution_options.preserve_order = True
@@ -372,11 +379,10 @@ def build_train_dataset(spec, seed: int, epochs: int, start_epoch: int = 0, run_
     n_epochs = int(epochs) - int(start_epoch)
     bs = int(spec.map_batch_size)
     actor_kwargs = dict(spec=spec.to_dict(), seed=int(seed), start_epoch=int(start_epoch), counter_name=counter)
-    n_actors = int(spec.num_actors)
-    if spec.max_cpus is not None and n_actors > max(1, int(spec.max_cpus)):
-        log.warning("data.num_actors=%d exceeds data.max_cpus=%s: using %d actors", n_actors, spec.max_cpus,
-                    max(1, int(spec.max_cpus)))
-        n_actors = max(1, int(spec.max_cpus))
+    n_actors = train_actor_count(spec)
+    if n_actors < int(spec.num_actors):
+        log.warning("data.num_actors=%d exceeds data.max_cpus=%s: using %d actors", spec.num_actors, spec.max_cpus,
+                    n_actors)
     compute = ray.data.ActorPoolStrategy(min_size=n_actors, max_size=n_actors)
 
     if spec.name in ("synthetic", "imagefolder"):
