@@ -73,8 +73,16 @@ def _single_run(spec_dict: dict, path: str, n: int, barrier=None):
 
     from rayssl.data.pipeline import MultiCropWorker
 
+    import pyarrow as pa
+
     files = sorted((Path(path) / "train").glob("*.parquet"))
-    t = pq.read_table(files[0], columns=["image", "key"]).slice(0, n)
+    tables, rows = [], 0
+    for f in files:  # as many shards as n rows need
+        tables.append(pq.read_table(f, columns=["image", "key"]))
+        rows += tables[-1].num_rows
+        if rows >= n:
+            break
+    t = pa.concat_tables(tables).slice(0, n)
     images = np.array(t.column("image").to_pylist(), dtype=object)
     keys = np.array(t.column("key").to_pylist(), dtype=object)
     worker = MultiCropWorker(spec_dict, seed=0)
@@ -152,7 +160,7 @@ def bench_ray(spec: DataSpec, n: int, batch_size: int, n_train: int) -> dict:
     from rayssl.data import build_train_dataset
 
     t0 = time.perf_counter()
-    epochs = max(1, -(-n // n_train))
+    epochs = max(1, -(-n // n_train)) + 1  # one spare: a hash split holds rows out of each epoch
     ds = build_train_dataset(spec, seed=0, epochs=epochs)
     rows, t_first, mark = 0, None, None
     for b in ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
@@ -223,13 +231,17 @@ def read_case(src: Path, pq_dir: Path, k: int, repeat: int):
     """Rows/s reading CIFAR-10 train (encoded bytes, no decode), best of `repeat`."""
     import ray
 
-    from rayssl.data.pipeline import _read_parquet_units
+    from rayssl.data.pipeline import _read_parquet_units, read_concurrency
 
     files = sorted(str(f) for f in (pq_dir / "train").glob("*.parquet"))
     out = {"case": "read", "k": k}
     n, dt = _time_read(lambda: ray.data.read_parquet(files).select_columns(["image", "label"]), repeat)
     out.update(parquet_rows=n, parquet_s=round(dt, 2), parquet_images_per_s=round(n / dt, 1))
-    n, dt = _time_read(lambda: _read_parquet_units([(0, f) for f in files], ["image", "key"]), repeat)
+    # as the train stream reads (one epoch): read tasks in flight and blocks as build_train_dataset sets them
+    spec = DataSpec(name="parquet", path=str(pq_dir), num_actors=k)
+    n, dt = _time_read(lambda: _read_parquet_units([(0, f) for f in files], ["image", "key"],
+                                                   concurrency=read_concurrency(spec),
+                                                   override_num_blocks=len(files)), repeat)
     out.update(parquet_units_s=round(dt, 2), parquet_units_images_per_s=round(n / dt, 1))
     n, dt = _time_read(lambda: ray.data.read_binary_files(str(src / "train"), include_paths=True), repeat)
     out.update(jpeg_files_rows=n, jpeg_files_s=round(dt, 2), jpeg_files_images_per_s=round(n / dt, 1))
@@ -244,13 +256,13 @@ def main():
     ap.add_argument("--k", type=int, default=2, help="CPUs for Ray (= multi-crop actors)")
     ap.add_argument("--cases", default="cifar,jpeg256,read")
     ap.add_argument("--work", default="/tmp/dinov3-bench", help="where prepared data is cached")
-    ap.add_argument("--n-cifar", type=int, default=6000)
+    ap.add_argument("--n-cifar", type=int, default=24000, help="rows consumed in the Ray run (cifar)")
     ap.add_argument("--n-jpeg", type=int, default=256, help="generated 256 px JPEGs (rows per epoch)")
-    ap.add_argument("--n-jpeg-ray", type=int, default=384, help="rows consumed in the Ray run (jpeg256)")
+    ap.add_argument("--n-jpeg-ray", type=int, default=1280, help="rows consumed in the Ray run (jpeg256)")
     ap.add_argument("--cifar-batch", type=int, default=128, help="iter_torch_batches batch size (cifar)")
     ap.add_argument("--cifar-map-batch", type=int, default=512,
                     help="map_batch_size (cifar), as conf/data/cifar10.yaml")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     cases = args.cases.split(",")
     work = Path(args.work)
@@ -278,7 +290,7 @@ def main():
         if "jpeg256" in cases:
             spec = DataSpec(name="parquet", path=str(jdir), global_size=224, local_size=96, n_local=8,
                             num_actors=args.k, map_batch_size=16)
-            crop_case("jpeg256_224_96", spec, jdir, args.k, 32, args.n_jpeg_ray, 16, args.n_jpeg, args.repeat)
+            crop_case("jpeg256_224_96", spec, jdir, args.k, 128, args.n_jpeg_ray, 16, args.n_jpeg, args.repeat)
         if "read" in cases:
             if pq_dir is None:
                 emit(case="read", skipped="shared CIFAR-10 not found (set DINOV3_CIFAR10_DIR)")

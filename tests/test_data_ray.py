@@ -7,7 +7,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from rayssl.data import (DataSpec, build_knn_dataset, build_train_dataset, ray_data_limits,  # noqa: E402
-                         skip_stats, validate_source)
+                         read_concurrency, skip_stats, validate_source)
 from rayssl.data.prepare import convert_imagefolder  # noqa: E402
 from test_data_sources import make_clean_imagefolder, make_odd_imagefolder  # noqa: E402
 
@@ -98,6 +98,49 @@ def test_ray_data_limits():
     # no max_cpus: capped at what the actor pool holds, the amount a trial reserves for data
     default = ray_data_limits(DataSpec(num_actors=3, cpus_per_actor=0.5))
     assert default.preserve_order and default.resource_limits.cpu == 1.5
+
+
+def test_read_concurrency_default_and_override():
+    assert read_concurrency(DataSpec(num_actors=1)) == 1
+    assert read_concurrency(DataSpec(num_actors=9)) == 3  # one per 4 actors, rounded up
+    assert read_concurrency(DataSpec(num_actors=9, max_cpus=4)) == 1  # 4 actors run
+    assert read_concurrency(DataSpec(num_actors=2, read_concurrency=5)) == 5
+
+
+def _max_overlap(intervals):
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    cur = best = 0
+    for _, d in events:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+def test_train_stream_reads_one_shard_at_a_time_in_map_batch_blocks(tmp_path):
+    """Read tasks (0 CPUs) never run more than ``read_concurrency`` at once, every (epoch,
+    shard) is one read task, and the stream's blocks hold at most one map batch of crops."""
+    import time
+
+    from ray.util.state import list_tasks
+
+    src = make_clean_imagefolder(tmp_path / "src")
+    out = tmp_path / "pq"
+    convert_imagefolder(str(src), str(out), shard_size=3, progress=False)  # 18 train rows: 6 shards
+    spec = DataSpec(name="parquet", path=str(out), map_batch_size=4, n_local=2, num_actors=1, read_concurrency=1)
+    t0_ms = time.time() * 1000
+    blocks = [len(b["epoch"]) for b in build_train_dataset(spec, seed=0, epochs=2).iter_batches(batch_size=None)]
+    assert sum(blocks) == 36 and max(blocks) <= 4, blocks  # default 128 MiB blocks: a task's whole output
+
+    reads = []
+    for _ in range(60):  # task events reach the state API about once a second
+        reads = [t for t in list_tasks(detail=True, limit=10000, raise_on_missing_output=False)
+                 if t.name.startswith("ReadParquetUnits") and (t.creation_time_ms or 0) >= t0_ms
+                 and t.state == "FINISHED"]
+        if len(reads) >= 12:
+            break
+        time.sleep(1)
+    assert len(reads) == 12, [t.name for t in reads]  # 2 epochs x 6 shards, not split further
+    assert _max_overlap([(t.start_time_ms, t.end_time_ms) for t in reads]) == 1
 
 
 def test_parquet_rows_reshuffled_every_epoch_reproducibly(tmp_path):

@@ -93,6 +93,7 @@ class DataConfig:
     cpus_per_actor: float = 1.0
     map_batch_size: int = 64
     max_cpus: Optional[float] = None
+    read_concurrency: Optional[int] = None
     knn_bank_size: Optional[int] = None
     knn_query_size: Optional[int] = None
     synthetic_n_train: int = 2048
@@ -236,6 +237,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(d.num_actors >= 1, "data.num_actors", "must be >= 1", d.num_actors)
     _check(0 < d.cpus_per_actor, "data.cpus_per_actor", "must be > 0", d.cpus_per_actor)
     _check(d.map_batch_size >= 1, "data.map_batch_size", "must be >= 1", d.map_batch_size)
+    _check(d.read_concurrency is None or d.read_concurrency >= 1, "data.read_concurrency", "must be >= 1 or null",
+           d.read_concurrency)
     _check(d.synthetic_n_train >= 16, "data.synthetic_n_train", "must be >= 16", d.synthetic_n_train)
 
     _check(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)

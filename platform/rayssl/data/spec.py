@@ -32,6 +32,7 @@ class DataSpec:
     cpus_per_actor: float = 1.0     # logical CPUs each actor reserves
     map_batch_size: int = 64
     max_cpus: Optional[float] = None  # cap on Ray Data's CPU budget (None: num_actors * cpus_per_actor)
+    read_concurrency: Optional[int] = None  # read tasks in flight (None: one per 4 actors, >= 1)
     knn_bank_size: Optional[int] = None   # None: every labelled train image
     knn_query_size: Optional[int] = None  # None: every held-out image
     synthetic_n_train: int = 2048
