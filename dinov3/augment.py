@@ -39,6 +39,9 @@ IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # (global 1, global 2, local) blur probabilities.
 BLUR_PROBS = {"nominal": (1.0, 0.1, 0.5), "official": (0.0, 0.9, 0.5)}
+# float32 bytes of crops per photometric call: cache-sized chunks ran 224 px crops 24% and
+# 32 px crops 8% faster than one call over a whole 16- / 256-image batch (2-core CPU here).
+PHOTOMETRIC_CHUNK_BYTES = 2 << 20
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -280,14 +283,19 @@ class MultiCropAugmentation:
         for k, (img, p) in enumerate(zip(images, params)):
             i, j, h, w = p["box"]
             out[k] = resized_crop_uint8(img, i, j, h, w, size)
-        return self.photometric(out, params)
+        chunk = max(1, PHOTOMETRIC_CHUNK_BYTES // (3 * size * size * 4))
+        if chunk >= len(params):
+            return self.photometric(out, params)
+        for s in range(0, len(params), chunk):  # per-crop ops: chunking changes no pixel
+            out[s:s + chunk] = self.photometric(out[s:s + chunk], params[s:s + chunk])
+        return out
 
     def batch(self, images: Sequence[torch.Tensor], generators: Sequence[torch.Generator]
               ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Many images at once (one generator each): global [B, 2, 3, G, G], local [B, n, 3, L, L].
 
         Identical to stacking ``self(image_b, generator_b)``; faster because the photometric
-        ops run once over all crops of a size instead of once per image.
+        ops run over many crops of a size at once (in chunks of ``PHOTOMETRIC_CHUNK_BYTES``).
         """
         images = [_as_rgb_uint8(im) for im in images]
         b, n = len(images), self.n_local

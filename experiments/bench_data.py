@@ -50,18 +50,18 @@ def cifar_dirs(work: Path):
     return src, out
 
 
-def jpeg256_dir(work: Path, n: int) -> Path:
+def jpeg256_dir(work: Path, n: int, shard_size: int) -> Path:
     from rayssl.data.prepare import encode_jpeg, write_shards
     from rayssl.data.synthetic import render
 
-    out = work / f"jpeg256_{n}"
+    out = work / f"jpeg256_{n}_{shard_size}"
     if (out / "train").is_dir():
         return out
     rows = []
     for i in range(n):
         arr = render(i % 10, 256, np.random.default_rng(i))
         rows.append((encode_jpeg(arr, 90), i % 10, f"{i:06d}"))
-    write_shards(rows, str(out / "train"), shard_size=max(1, n // 8))
+    write_shards(rows, str(out / "train"), shard_size=shard_size)
     return out
 
 
@@ -257,7 +257,9 @@ def main():
     ap.add_argument("--cases", default="cifar,jpeg256,read")
     ap.add_argument("--work", default="/tmp/dinov3-bench", help="where prepared data is cached")
     ap.add_argument("--n-cifar", type=int, default=24000, help="rows consumed in the Ray run (cifar)")
-    ap.add_argument("--n-jpeg", type=int, default=256, help="generated 256 px JPEGs (rows per epoch)")
+    ap.add_argument("--n-jpeg", type=int, default=2048, help="generated 256 px JPEGs (rows per epoch)")
+    ap.add_argument("--jpeg-shard", type=int, default=512,
+                    help="rows per Parquet shard (jpeg256; prepare_data writes 5000, a shard is one read task)")
     ap.add_argument("--n-jpeg-ray", type=int, default=1280, help="rows consumed in the Ray run (jpeg256)")
     ap.add_argument("--cifar-batch", type=int, default=128, help="iter_torch_batches batch size (cifar)")
     ap.add_argument("--cifar-map-batch", type=int, default=512,
@@ -271,7 +273,7 @@ def main():
     import ray
 
     src, pq_dir = cifar_dirs(work) if ("cifar" in cases or "read" in cases) else (None, None)
-    jdir = jpeg256_dir(work, args.n_jpeg) if "jpeg256" in cases else None
+    jdir = jpeg256_dir(work, args.n_jpeg, args.jpeg_shard) if "jpeg256" in cases else None
     # Workers start from the raylet's environment: let them import this checkout's packages
     # even where it is not pip-installed.
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -285,12 +287,12 @@ def main():
             else:
                 spec = DataSpec(name="parquet", path=str(pq_dir), global_size=32, local_size=16, n_local=6,
                                 num_actors=args.k, map_batch_size=args.cifar_map_batch)
-                crop_case("cifar10_parquet_32_16", spec, pq_dir, args.k, 2048, args.n_cifar, args.cifar_batch, 50000,
+                crop_case("cifar10_parquet_32_16", spec, pq_dir, args.k, 8192, args.n_cifar, args.cifar_batch, 50000,
                           args.repeat)
         if "jpeg256" in cases:
             spec = DataSpec(name="parquet", path=str(jdir), global_size=224, local_size=96, n_local=8,
                             num_actors=args.k, map_batch_size=16)
-            crop_case("jpeg256_224_96", spec, jdir, args.k, 128, args.n_jpeg_ray, 16, args.n_jpeg, args.repeat)
+            crop_case("jpeg256_224_96", spec, jdir, args.k, 512, args.n_jpeg_ray, 16, args.n_jpeg, args.repeat)
         if "read" in cases:
             if pq_dir is None:
                 emit(case="read", skipped="shared CIFAR-10 not found (set DINOV3_CIFAR10_DIR)")

@@ -57,6 +57,19 @@ def test_batch_equals_single():
         assert torch.equal(gb[i], g) and torch.equal(lb[i], loc)
 
 
+def test_batch_equals_single_across_photometric_chunks():
+    """224 px crops: 3 per photometric call, so a 4-image batch's 8 global crops span 3 calls."""
+    from dinov3.augment import PHOTOMETRIC_CHUNK_BYTES
+
+    assert PHOTOMETRIC_CHUNK_BYTES // (3 * 224 * 224 * 4) == 3
+    aug = MultiCropAugmentation(global_size=224, local_size=96, n_local=2)
+    imgs = [_img(h=260, w=250, seed=i) for i in range(4)]
+    gb, lb = aug.batch(imgs, [torch.Generator().manual_seed(10 + i) for i in range(4)])
+    for i in range(4):
+        g, loc = aug(imgs[i], torch.Generator().manual_seed(10 + i))
+        assert torch.equal(gb[i], g) and torch.equal(lb[i], loc)
+
+
 def _sample(aug, n=4000, h=48, w=40):
     gen = torch.Generator().manual_seed(0)
     return [[aug.sample_params(c, h, w, gen) for c in range(2 + aug.n_local)] for _ in range(n)]
