@@ -264,6 +264,10 @@ def main():
     ap.add_argument("--cifar-batch", type=int, default=128, help="iter_torch_batches batch size (cifar)")
     ap.add_argument("--cifar-map-batch", type=int, default=512,
                     help="map_batch_size (cifar), as conf/data/cifar10.yaml")
+    ap.add_argument("--jpeg-batch", type=int, default=64,
+                    help="iter_torch_batches batch size (jpeg256), as conf/train/gpu.yaml")
+    ap.add_argument("--jpeg-map-batch", type=int, default=32,
+                    help="map_batch_size (jpeg256), as conf/data/imagenet.yaml")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     cases = args.cases.split(",")
@@ -291,8 +295,9 @@ def main():
                           args.repeat)
         if "jpeg256" in cases:
             spec = DataSpec(name="parquet", path=str(jdir), global_size=224, local_size=96, n_local=8,
-                            num_actors=args.k, map_batch_size=16)
-            crop_case("jpeg256_224_96", spec, jdir, args.k, 512, args.n_jpeg_ray, 16, args.n_jpeg, args.repeat)
+                            num_actors=args.k, map_batch_size=args.jpeg_map_batch)
+            crop_case("jpeg256_224_96", spec, jdir, args.k, 512, args.n_jpeg_ray, args.jpeg_batch, args.n_jpeg,
+                      args.repeat)
         if "read" in cases:
             if pq_dir is None:
                 emit(case="read", skipped="shared CIFAR-10 not found (set DINOV3_CIFAR10_DIR)")
