@@ -68,12 +68,11 @@ def jpeg256_dir(work: Path, n: int, shard_size: int) -> Path:
 def _single_run(spec_dict: dict, path: str, n: int, barrier=None):
     """Decode + multi-crop of n rows in this process, one thread -> (start, end, rows).
     With a barrier, the timed loop starts when all k processes are ready."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
     from rayssl.data.pipeline import MultiCropWorker
-
-    import pyarrow as pa
 
     files = sorted((Path(path) / "train").glob("*.parquet"))
     tables, rows = [], 0

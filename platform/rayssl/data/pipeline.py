@@ -423,7 +423,7 @@ def build_train_dataset(spec, seed: int, epochs: int, start_epoch: int = 0, run_
     # each batch as it is made, not a whole shard's crops at once (first batch of a CIFAR-10
     # stream 13-15 s -> 5-9 s on 2 CPUs); reads are cut to the same size, which bounds tasks.
     row_bytes = 2 * 3 * spec.global_size ** 2 + spec.n_local * 3 * spec.local_size ** 2
-    ds.context.target_max_block_size = max(1, bs * row_bytes)
+    ds.context.target_max_block_size = bs * row_bytes
     return _configure(ds, spec)
 
 
