@@ -10,7 +10,7 @@ import importlib
 _EXPORTS = {
     "DINOv3Config": "dinov3.config",
     "DINOv3": "dinov3.model", "DINOv3Output": "dinov3.model", "build_method": "dinov3.model",
-    "check_config": "dinov3.model",
+    "check_config": "dinov3.config",
     "sinkhorn_knopp": "dinov3.losses", "dino_loss": "dinov3.losses", "ibot_loss": "dinov3.losses",
     "koleo_loss": "dinov3.losses", "gram_loss": "dinov3.losses",
     "block_mask": "dinov3.masking", "generate_masks": "dinov3.masking",

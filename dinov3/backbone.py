@@ -42,6 +42,7 @@ def create_timm_vit(
     depth: Optional[int] = None,
     num_heads: Optional[int] = None,
     n_register_tokens: int = 4,
+    qkv_bias: Optional[bool] = None,
     drop_path_rate: float = 0.0,
     layerscale_init: Optional[float] = 1e-5,
     pretrained: bool = False,
@@ -54,7 +55,7 @@ def create_timm_vit(
     """
     kwargs = dict(num_classes=0, img_size=img_size, dynamic_img_size=True, drop_path_rate=drop_path_rate)
     for key, value in (("patch_size", patch_size), ("embed_dim", embed_dim), ("depth", depth),
-                       ("num_heads", num_heads)):
+                       ("num_heads", num_heads), ("qkv_bias", qkv_bias)):
         if value is not None:
             kwargs[key] = value
     load = dict(pretrained=pretrained)
@@ -220,6 +221,6 @@ class MaskableViT(nn.Module):
 def build_backbone(cfg) -> MaskableViT:
     """``cfg``: a :class:`dinov3.config.DINOv3Config`."""
     vit = create_timm_vit(cfg.backbone, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
-                          cfg.n_register_tokens, cfg.drop_path_rate, cfg.layerscale_init, cfg.pretrained,
+                          cfg.n_register_tokens, cfg.qkv_bias, cfg.drop_path_rate, cfg.layerscale_init, cfg.pretrained,
                           os.path.expanduser(cfg.pretrained_file) if cfg.pretrained_file else None)
     return MaskableViT(vit, lean_mlp=cfg.lean_mlp)

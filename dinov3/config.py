@@ -23,6 +23,20 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 MASK_STRATEGIES = ("block", "random")
 MAX_MASK_RATIO = 0.95
+# Fields describing the network (a platform's "model" group); every other field but img_size
+# (the global crop size, set from the data) is the training recipe (its "method" group).
+MODEL_FIELDS = ("backbone", "patch_size", "embed_dim", "depth", "num_heads", "qkv_bias", "drop_path_rate",
+                "layerscale_init", "pretrained", "pretrained_file", "head_hidden_dim", "head_bottleneck_dim",
+                "n_cls_prototypes", "n_patch_prototypes")
+DERIVED_FIELDS = ("img_size",)
+
+
+class ConfigValueError(ValueError):
+    """A :class:`DINOv3Config` field holds a bad value; ``field``, ``value`` and ``rule`` say which."""
+
+    def __init__(self, field: str, value: Any, rule: str):
+        super().__init__(f"DINOv3Config.{field}={value!r}: {rule}")
+        self.field, self.value, self.rule = field, value, rule
 
 
 @dataclass
@@ -34,6 +48,7 @@ class DINOv3Config:
     embed_dim: Optional[int] = None  # None = timm default (overrides are for micro models)
     depth: Optional[int] = None
     num_heads: Optional[int] = None
+    qkv_bias: Optional[bool] = None  # None = timm default of `backbone` (vit_*: True, vit_*_dinov3: False)
     n_register_tokens: int = 4
     drop_path_rate: float = 0.1  # uniform over depth; 0.1 ViT-S, 0.3 ViT-B/L
     layerscale_init: Optional[float] = 1e-5  # None = no LayerScale (vit_* only)
@@ -90,11 +105,11 @@ class DINOv3Config:
         return lo, hi
 
     def validate(self) -> "DINOv3Config":
-        """Raise ValueError naming the first bad field; return self."""
+        """Raise :class:`ConfigValueError` naming the first bad field; return self."""
 
         def check(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                raise ValueError(f"DINOv3Config.{name}={getattr(self, name)!r}: {rule}")
+                raise ConfigValueError(name, getattr(self, name), rule)
 
         check(isinstance(self.backbone, str) and self.backbone.startswith("vit_"), "backbone",
               "must be a timm vit_* or vit_*_dinov3 model name")
@@ -143,3 +158,10 @@ class DINOv3Config:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_config(values: Mapping[str, Any]) -> None:
+    """Validate the keyword dict :func:`dinov3.build_method` takes, building nothing.
+
+    Raises :class:`ConfigValueError` naming the first bad field (ValueError for unknown keys)."""
+    DINOv3Config.from_dict(values).validate()

@@ -15,9 +15,11 @@ reaches every student parameter (see ``forward``), so the all-reduce is complete
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -277,6 +279,30 @@ class DINOv3(nn.Module):
         return DINOv3Output(loss=loss, loss_cls=loss_cls.detach(), loss_patch=loss_patch.detach(),
                             loss_koleo=loss_koleo.detach(), loss_gram=loss_gram.detach(), metrics=metrics)
 
+    def forward_backward(self, global_crops: torch.Tensor, local_crops: Optional[torch.Tensor] = None, *,
+                         runner: Optional[nn.Module] = None,
+                         autocast: Optional[Callable[[], ContextManager]] = None) -> DINOv3Output:
+        """One training step's forward and backward pass(es); returns the step's detached terms.
+
+        ``runner``: the module to call for the forwards (``DDP(self)`` under DDP, whose hooks
+        all-reduce the gradients on the step's last backward; earlier ones run under
+        ``no_sync()``); ``autocast``: a context factory around the forwards (bf16), or None.
+        See :meth:`backward_parts` for the split into one backward per crop group.
+        """
+        run = self if runner is None else runner
+        amp = autocast or contextlib.nullcontext
+        n_local = 0 if local_crops is None else local_crops.shape[1]
+        parts = self.backward_parts(n_local)
+        loss = None
+        for i, part in enumerate(parts):
+            sync = run.no_sync() if i < len(parts) - 1 and hasattr(run, "no_sync") else contextlib.nullcontext()
+            with sync:
+                with amp():
+                    out = run(global_crops, local_crops if n_local else None, part=part)
+                out.loss.backward()
+            loss = out.loss.detach() if loss is None else loss + out.loss.detach()
+        return dataclasses.replace(out, loss=loss)
+
     # ---- optimisation --------------------------------------------------------------
     def configure(self, total_steps: int, steps_per_epoch: int, global_batch_size: int) -> None:
         """Fix the run length and global batch (per-step schedules)."""
@@ -435,13 +461,6 @@ class DINOv3(nn.Module):
         for p in encoder.parameters():
             p.requires_grad_(False)
         return encoder.eval()
-
-
-def check_config(cfg: Mapping[str, Any]) -> None:
-    """Validate the keyword dict :func:`build_method` takes without building anything.
-
-    Raises ValueError naming the first bad field (``DINOv3Config.<field>=<value>: <rule>``)."""
-    DINOv3Config.from_dict(cfg).validate()
 
 
 def build_method(cfg: Union[DINOv3Config, Mapping[str, Any]]) -> DINOv3:

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict
 
+from dinov3.config import DINOv3Config
+
 
 def cosine(start: float, end: float, step: int, total: int) -> float:
     """Half-cosine from ``start`` (step 0) to ``end`` (step >= total)."""
@@ -24,6 +26,11 @@ def linear(start: float, end: float, step: int, total: int) -> float:
     if total <= 0 or step >= total:
         return end
     return start + (end - start) * max(step, 0) / total
+
+
+def peak_lr(cfg, global_batch_size: int) -> float:
+    """``base_lr * sqrt(global_batch / lr_reference_batch)`` (DINOv2/v3's sqrt_wrt_1024 rule)."""
+    return cfg.base_lr * math.sqrt(global_batch_size / cfg.lr_reference_batch)
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class Schedules:
                              f"global_batch_size={global_batch_size} must all be >= 1")
         return cls(
             total_steps=total_steps,
-            peak_lr=cfg.base_lr * math.sqrt(global_batch_size / cfg.lr_reference_batch),
+            peak_lr=peak_lr(cfg, global_batch_size),
             min_lr=cfg.min_lr,
             warmup_steps=int(cfg.lr_warmup_frac * total_steps),
             wd_start=cfg.weight_decay_start,
@@ -85,3 +92,13 @@ class Schedules:
     def values(self, step: int) -> Dict[str, float]:
         return {"lr": self.lr(step), "wd": self.weight_decay(step), "momentum": self.momentum(step),
                 "teacher_temp": self.teacher_temperature(step)}
+
+
+def describe(kwargs, total_steps: int, steps_per_epoch: int, global_batch_size: int) -> Dict[str, float]:
+    """Schedule lengths of a run, for launch plans: peak lr and the warm-up, teacher-temperature
+    and last-layer-freeze lengths in steps (``kwargs``: :func:`dinov3.build_method`'s)."""
+    s = Schedules.from_config(DINOv3Config.from_dict(kwargs), total_steps, steps_per_epoch, global_batch_size)
+    return {"peak_lr": s.peak_lr, "min_lr": s.min_lr, "warmup_steps": s.warmup_steps,
+            "teacher_temp_warmup_steps": s.teacher_temp_warmup_steps,
+            "freeze_last_layer_steps": s.freeze_last_layer_steps, "weight_decay": (s.wd_start, s.wd_end),
+            "momentum": (s.momentum_start, s.momentum_end), "teacher_temp": (s.teacher_temp_start, s.teacher_temp)}
