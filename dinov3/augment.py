@@ -24,6 +24,16 @@ it is written for speed and a small footprint:
 
 Normalisation (ImageNet mean/std) is *not* applied here: crops leave as uint8 (4x less
 data through Ray's object store) and :func:`normalize` runs on the training device.
+
+Split path (``data.augment_on=gpu``): the actors run only the geometric part,
+:meth:`MultiCropAugmentation.geometric_batch` (random-resized-crop + resize, uint8), and
+ship every crop's photometric parameters packed as float32 ``[..., N_PHOTO_PARAMS]``
+(layout: the ``PARAM_*`` indices); the trainer runs flip, colour jitter, grayscale, blur and
+solarize batched on its device with :func:`apply_photometric_batch` (or
+:func:`apply_photometric` on flat ``[N, 3, S, S]`` crops), then :func:`normalize`. Same
+generator draws, same arithmetic: on CPU tensors the result is bitwise the crops of
+:meth:`MultiCropAugmentation.batch` (tested); on CUDA, float rounding of the device kernels
+(fused multiply-adds, reduction order, ``exp``) can move rare pixels by one grey level.
 """
 
 from __future__ import annotations
@@ -42,6 +52,17 @@ BLUR_PROBS = {"nominal": (1.0, 0.1, 0.5), "official": (0.0, 0.9, 0.5)}
 # float32 bytes of crops per photometric call: cache-sized chunks ran 224 px crops 24% and
 # 32 px crops 8% faster than one call over a whole 16- / 256-image batch (2-core CPU here).
 PHOTOMETRIC_CHUNK_BYTES = 2 << 20
+
+# Packed photometric parameters of one crop (float32 vector, every value exact in float32):
+PARAM_FLIP = 0        # 1: horizontal flip
+PARAM_JITTER = 1      # 1: colour jitter applied
+PARAM_FACTORS = 2     # 2..5: brightness, contrast, saturation, hue factors (1, 1, 1, 0 when not applied)
+PARAM_ORDER = 6       # 6..9: jitter op (0 brightness, 1 contrast, 2 saturation, 3 hue) at position 0..3
+PARAM_GRAY = 10       # 1: grayscale
+PARAM_SIGMA = 11      # Gaussian blur sigma (0: no blur)
+PARAM_BLUR_KSIZE = 12  # Gaussian blur kernel size
+PARAM_SOLARIZE = 13   # 1: solarize (threshold 128)
+N_PHOTO_PARAMS = 14
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -249,46 +270,42 @@ class MultiCropAugmentation:
         Every op is per-crop elementwise (the blur is a shifted sum, not a conv), so a crop's
         result does not depend on which other crops share the call.
         """
-        flips = [k for k, p in enumerate(params) if p["flip"]]
-        if flips:
-            out[flips] = out[flips].flip(-1)
-        jit = [k for k, p in enumerate(params) if p["jitter"] is not None]
-        gray = [k for k, p in enumerate(params) if p["gray"]]
-        blur = [k for k, p in enumerate(params) if p["sigma"] is not None]
-        if jit or gray or blur:
-            x = out.float().div_(255.0)
-            if jit:
-                for pos in range(4):
-                    for op in range(4):
-                        sel = [k for k in jit if params[k]["jitter"][pos][0] == op]
-                        if sel:
-                            f = torch.tensor([params[k]["jitter"][pos][1] for k in sel])
-                            x[sel] = _JITTER_OPS[op](x[sel], f)
-            if gray:
-                x[gray] = _gray(x[gray]).expand(-1, 3, -1, -1)
-            if blur:
-                x[blur] = _blur_batch(x[blur], [params[k]["sigma"] for k in blur], self.blur_kernel_size)
-            out = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
-        sol = [k for k, p in enumerate(params) if p["solarize"]]
-        if sol:
-            out[sol] = solarize(out[sol], 128)
-        return out
+        packed = torch.tensor([self.pack_params(p) for p in params], dtype=torch.float32)
+        return _photometric_packed(out, packed)
 
     def apply_group(self, img: torch.Tensor, params: List[dict], size: int) -> torch.Tensor:
         """Crops of one image and one size: per-crop resized crop, then :meth:`photometric`."""
         return self._crops([img] * len(params), params, size)
 
-    def _crops(self, images: Sequence[torch.Tensor], params: List[dict], size: int) -> torch.Tensor:
+    def _resized_crops(self, images: Sequence[torch.Tensor], params: List[dict], size: int) -> torch.Tensor:
+        """The geometric part: each crop's box resized to ``size`` (uint8 [N, 3, size, size])."""
         out = torch.empty((len(params), 3, size, size), dtype=torch.uint8)
         for k, (img, p) in enumerate(zip(images, params)):
             i, j, h, w = p["box"]
             out[k] = resized_crop_uint8(img, i, j, h, w, size)
+        return out
+
+    def _crops(self, images: Sequence[torch.Tensor], params: List[dict], size: int) -> torch.Tensor:
+        out = self._resized_crops(images, params, size)
         chunk = max(1, PHOTOMETRIC_CHUNK_BYTES // (3 * size * size * 4))
         if chunk >= len(params):
             return self.photometric(out, params)
         for s in range(0, len(params), chunk):  # per-crop ops: chunking changes no pixel
             out[s:s + chunk] = self.photometric(out[s:s + chunk], params[s:s + chunk])
         return out
+
+    def _sample_batch(self, images: Sequence[torch.Tensor], generators: Sequence[torch.Generator]):
+        """Every crop's parameters, image by image (the draws of ``self(image, generator)``):
+        (global images, global params, local images, local params), flat lists."""
+        pg, pl, ig, il = [], [], [], []
+        for img, gen in zip(images, generators):
+            height, width = img.shape[-2:]
+            ps = [self.sample_params(c, height, width, gen) for c in range(2 + self.n_local)]
+            pg += ps[:2]
+            pl += ps[2:]
+            ig += [img, img]
+            il += [img] * self.n_local
+        return ig, pg, il, pl
 
     def batch(self, images: Sequence[torch.Tensor], generators: Sequence[torch.Generator]
               ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -299,20 +316,51 @@ class MultiCropAugmentation:
         """
         images = [_as_rgb_uint8(im) for im in images]
         b, n = len(images), self.n_local
-        pg, pl, ig, il = [], [], [], []
-        for img, gen in zip(images, generators):
-            height, width = img.shape[-2:]
-            ps = [self.sample_params(c, height, width, gen) for c in range(2 + n)]
-            pg += ps[:2]
-            pl += ps[2:]
-            ig += [img, img]
-            il += [img] * n
+        ig, pg, il, pl = self._sample_batch(images, generators)
         g = self._crops(ig, pg, self.global_size).view(b, 2, 3, self.global_size, self.global_size)
         if n:
             loc = self._crops(il, pl, self.local_size).view(b, n, 3, self.local_size, self.local_size)
         else:
             loc = torch.empty((b, 0, 3, self.local_size, self.local_size), dtype=torch.uint8)
         return g, loc
+
+    def pack_params(self, p: dict) -> List[float]:
+        """One crop's photometric parameters (a :meth:`sample_params` dict) as the packed
+        ``N_PHOTO_PARAMS`` vector (layout: ``PARAM_*``); float32 holds every value exactly as
+        :meth:`photometric` uses it (its factors and sigmas also pass through float32)."""
+        v = [0.0] * N_PHOTO_PARAMS
+        v[PARAM_FLIP] = float(p["flip"])
+        v[PARAM_FACTORS:PARAM_FACTORS + 4] = [1.0, 1.0, 1.0, 0.0]  # neutral (unused when not applied)
+        v[PARAM_ORDER:PARAM_ORDER + 4] = [0.0, 1.0, 2.0, 3.0]
+        if p["jitter"] is not None:
+            v[PARAM_JITTER] = 1.0
+            for pos, (op, f) in enumerate(p["jitter"]):
+                v[PARAM_ORDER + pos] = float(op)
+                v[PARAM_FACTORS + op] = f
+        v[PARAM_GRAY] = float(p["gray"])
+        v[PARAM_SIGMA] = 0.0 if p["sigma"] is None else p["sigma"]
+        v[PARAM_BLUR_KSIZE] = float(self.blur_kernel_size)
+        v[PARAM_SOLARIZE] = float(p["solarize"])
+        return v
+
+    def geometric_batch(self, images: Sequence[torch.Tensor], generators: Sequence[torch.Generator]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The data actors' part of ``augment_on=gpu``: the same draws as :meth:`batch`, but
+        only random-resized-crop + resize; the rest leaves as packed parameters.
+
+        Returns ``(global uint8 [B, 2, 3, G, G], local uint8 [B, n, 3, L, L],
+        global_params float32 [B, 2, N_PHOTO_PARAMS], local_params float32 [B, n, N_PHOTO_PARAMS])``;
+        :func:`apply_photometric_batch` on them gives exactly :meth:`batch`'s crops.
+        """
+        images = [_as_rgb_uint8(im) for im in images]
+        b, n = len(images), self.n_local
+        G, L = self.global_size, self.local_size
+        ig, pg, il, pl = self._sample_batch(images, generators)
+        g = self._resized_crops(ig, pg, G).view(b, 2, 3, G, G)
+        loc = self._resized_crops(il, pl, L).view(b, n, 3, L, L)
+        gp = torch.tensor([self.pack_params(p) for p in pg], dtype=torch.float32).view(b, 2, N_PHOTO_PARAMS)
+        lp = torch.tensor([self.pack_params(p) for p in pl], dtype=torch.float32).view(b, n, N_PHOTO_PARAMS)
+        return g, loc, gp, lp
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         g, loc = self.batch([image], [generator])
@@ -338,8 +386,19 @@ def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return (x * f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
+def _crop_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-crop mean of [N, 1, H, W] -> [N, 1, 1, 1], the same bits whatever N and the thread
+    count: torch's CPU reduction splits a lone output's sum over threads (another summation
+    order) once it is large (grain 32768 elements: 1 x 224 x 224 is); with >= 2 outputs it
+    splits over the outputs and sums each one serially. A lone crop is therefore reduced next
+    to a copy of itself, which gives the serial (one-thread, as in the data actors) bits."""
+    if x.shape[0] == 1 and x.device.type == "cpu" and torch.get_num_threads() > 1:
+        return torch.cat([x, x]).mean(dim=(-3, -2, -1), keepdim=True)[:1]
+    return x.mean(dim=(-3, -2, -1), keepdim=True)
+
+
 def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+    return _blend(x, _crop_mean(_gray(x)), f)
 
 
 def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -379,11 +438,12 @@ def _blur_batch(x: torch.Tensor, sigmas: Sequence[float], kernel_size: int = 9) 
         return x
     k = k if k % 2 == 1 else k - 1
     pad = k // 2
+    # weights computed on the CPU whatever x's device (the same bits on every device)
     half = (k - 1) * 0.5
     t = torch.linspace(-half, half, k)
-    sig = torch.tensor(sigmas, dtype=x.dtype).view(n, 1)
+    sig = torch.as_tensor(sigmas, dtype=torch.float32).to("cpu").view(n, 1)
     kern = torch.exp(-0.5 * (t.view(1, k) / sig) ** 2)
-    kern = (kern / kern.sum(dim=1, keepdim=True)).T.reshape(k, n, 1, 1, 1)
+    kern = (kern / kern.sum(dim=1, keepdim=True)).T.reshape(k, n, 1, 1, 1).to(x.device, x.dtype)
     xp = tnf.pad(x, [pad, pad, 0, 0], mode="reflect")
     y = xp[..., 0:w] * kern[0]
     for i in range(1, k):
@@ -393,6 +453,115 @@ def _blur_batch(x: torch.Tensor, sigmas: Sequence[float], kernel_size: int = 9) 
     for i in range(1, k):
         z.addcmul_(yp[..., i:i + h, :], kern[i])
     return z
+
+
+# ---------------------------------------------------------------------------------------
+# Photometric ops from packed parameters, on any device (data.augment_on=gpu)
+# ---------------------------------------------------------------------------------------
+
+def _photometric_packed(out: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """:meth:`MultiCropAugmentation.photometric` with the parameters packed (``p``: float32
+    [N, N_PHOTO_PARAMS] on the CPU): the same per-op groups of crops and the same arithmetic.
+    The groups' indices come from the CPU copy of the parameters (no device sync); each op runs
+    once over its group (gather / scatter along dim 0), never per crop. May modify ``out``."""
+    dev, n = out.device, out.shape[0]
+
+    def group(mask: torch.Tensor):
+        k = torch.nonzero(mask).flatten()
+        return k, (k if dev.type == "cpu" else k.to(dev, non_blocking=True))
+
+    def run(x: torch.Tensor, k: torch.Tensor, kd: torch.Tensor, fn) -> torch.Tensor:
+        if len(k) == n:  # the whole batch: no gather
+            return fn(x, k).contiguous()  # (grayscale returns an expanded view)
+        return x.index_copy_(0, kd, fn(x.index_select(0, kd), k))
+
+    flip = p[:, PARAM_FLIP] > 0.5
+    if flip.any():
+        k, kd = group(flip)
+        out = run(out, k, kd, lambda y, _: y.flip(-1))
+    jit = p[:, PARAM_JITTER] > 0.5
+    gray = p[:, PARAM_GRAY] > 0.5
+    blur = p[:, PARAM_SIGMA] > 0
+    if jit.any() or gray.any() or blur.any():
+        x = out.float().div_(255.0)
+        if jit.any():
+            for pos in range(4):
+                at = p[:, PARAM_ORDER + pos]
+                for op in range(4):
+                    sel = jit & (at == op)
+                    if sel.any():
+                        k, kd = group(sel)
+                        x = run(x, k, kd, lambda y, kk, op=op: _JITTER_OPS[op](
+                            y, p[kk, PARAM_FACTORS + op].to(dev)))
+        if gray.any():
+            k, kd = group(gray)
+            x = run(x, k, kd, lambda y, _: _gray(y).expand(-1, 3, -1, -1))
+        if blur.any():
+            ks = p[:, PARAM_BLUR_KSIZE]
+            for size in torch.unique(ks[blur]).tolist():
+                k, kd = group(blur & (ks == size))
+                x = run(x, k, kd, lambda y, kk: _blur_batch(y, p[kk, PARAM_SIGMA], int(size)))
+        out = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    sol = p[:, PARAM_SOLARIZE] > 0.5
+    if sol.any():
+        k, kd = group(sol)
+        out = run(out, k, kd, lambda y, _: solarize(y, 128))
+    return out
+
+
+def apply_photometric(crops: torch.Tensor, params) -> torch.Tensor:
+    """Flip, colour jitter, grayscale, blur and solarize of uint8 crops ``[N, 3, S, S]`` from
+    their packed parameters ``[N, N_PHOTO_PARAMS]`` (float32; a tensor on any device or a
+    numpy array), batched on the crops' device. Returns new uint8 ``[N, 3, S, S]`` crops on
+    that device (not normalised: :func:`normalize` next); ``crops`` is left unchanged.
+
+    Every op is per crop: a crop's result depends on its own pixels and parameters only, not
+    on the other crops of the call. On CPU tensors the result is bitwise what
+    :meth:`MultiCropAugmentation.photometric` gives (the data actors' path). Parameters on the
+    CPU cost no device sync (their group indices are computed there); on the device, one copy.
+    On the CPU the crops are processed in cache-sized chunks (``PHOTOMETRIC_CHUNK_BYTES``).
+    """
+    crops = torch.as_tensor(crops)
+    if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != 3:
+        raise ValueError(f"crops: expected uint8 [N, 3, S, S], got {crops.dtype} {tuple(crops.shape)}")
+    n = crops.shape[0]
+    p = torch.as_tensor(params).detach().to("cpu", torch.float32)
+    if tuple(p.shape) != (n, N_PHOTO_PARAMS):
+        raise ValueError(f"params: expected [{n}, {N_PHOTO_PARAMS}], got {tuple(p.shape)}")
+    out = crops.clone(memory_format=torch.contiguous_format)
+    if n == 0:
+        return out
+    if out.device.type != "cpu":
+        return _photometric_packed(out, p)
+    chunk = max(1, PHOTOMETRIC_CHUNK_BYTES // (3 * crops.shape[-2] * crops.shape[-1] * 4))
+    for s in range(0, n, chunk):  # per-crop ops: chunking changes no pixel
+        out[s:s + chunk] = _photometric_packed(out[s:s + chunk], p[s:s + chunk])
+    return out
+
+
+def apply_photometric_batch(global_crops: torch.Tensor, local_crops: torch.Tensor, global_params,
+                            local_params) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's call for ``data.augment_on=gpu``: the stream's geometric crops -> the
+    finished uint8 crops, batched on the crops' device (then :func:`normalize` as usual).
+
+    Args (the train stream's columns of that mode):
+        global_crops: uint8 ``[B, 2, 3, G, G]`` (column ``global``), on the training device.
+        local_crops: uint8 ``[B, n, 3, L, L]`` (column ``local``; ``n`` may be 0), same device.
+        global_params: float32 ``[B, 2, N_PHOTO_PARAMS]`` (column ``global_params``).
+        local_params: float32 ``[B, n, N_PHOTO_PARAMS]`` (column ``local_params``).
+            The parameters may stay on the CPU (no device sync) or be on the device (one copy
+            back); numpy arrays are accepted.
+
+    Returns:
+        ``(global uint8 [B, 2, 3, G, G], local uint8 [B, n, 3, L, L])`` on the crops' device;
+        on CPU tensors bitwise equal to the ``augment_on=cpu`` stream's crops of the same rows.
+    """
+    global_crops, local_crops = torch.as_tensor(global_crops), torch.as_tensor(local_crops)
+    g = apply_photometric(global_crops.reshape((-1,) + tuple(global_crops.shape[-3:])),
+                          torch.as_tensor(global_params).reshape(-1, N_PHOTO_PARAMS))
+    loc = apply_photometric(local_crops.reshape((-1,) + tuple(local_crops.shape[-3:])),
+                            torch.as_tensor(local_params).reshape(-1, N_PHOTO_PARAMS))
+    return g.view(global_crops.shape), loc.view(local_crops.shape)
 
 
 class EvalTransform:
@@ -441,6 +610,7 @@ def _as_rgb_uint8(image: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"expected 1, 3 or 4 channels, got {c}")
 
 
-__all__: List[str] = ["IMAGENET_MEAN", "IMAGENET_STD", "BLUR_PROBS", "normalize", "resize_uint8",
-                      "resized_crop_uint8", "gaussian_blur",
-                      "solarize", "MultiCropAugmentation", "EvalTransform"]
+__all__: List[str] = ["IMAGENET_MEAN", "IMAGENET_STD", "BLUR_PROBS", "N_PHOTO_PARAMS", "normalize",
+                      "resize_uint8", "resized_crop_uint8", "gaussian_blur", "solarize",
+                      "apply_photometric", "apply_photometric_batch", "MultiCropAugmentation",
+                      "EvalTransform"]

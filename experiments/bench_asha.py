@@ -9,7 +9,7 @@ ratio, and each sweep's best ``knn_top1``.
     python experiments/bench_asha.py --scheduler asha_promotion model=micro \
         model.layerscale_init=null train.epochs=8 sweep.num_samples=8 sweep.max_concurrent_trials=2 \
         sweep.grace_period=1 sweep.reduction_factor=2 data.synthetic_n_train=512 \
-        data.synthetic_n_eval=512 train.batch_size=32 train.log_every=8 train.system_metrics=false \
+        data.synthetic_n_eval=512 train.global_batch_size=32 train.log_every=8 train.system_metrics=false \
         tracking.register_model_name=null
 
 ``--scheduler asha_promotion`` (before the overrides) compares the paper's pausing ASHA
@@ -25,9 +25,6 @@ import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "platform")]
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 
 
 def trial_epochs(cfg, sweep_name: str):
@@ -78,14 +75,9 @@ def bench(cfg):
     return out
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(raw: DictConfig) -> None:
-    from rayssl.cli import run_main
-
-    run_main(raw, bench)
-
-
 if __name__ == "__main__":
+    from rayssl.cli import main
+
     while len(sys.argv) > 2 and sys.argv[1] in ("--scheduler", "--only"):
         flag, name = sys.argv[1:3]
         del sys.argv[1:3]
@@ -93,4 +85,4 @@ if __name__ == "__main__":
             SCHEDULERS[1] = name
         else:
             SCHEDULERS[:] = [name]
-    main()
+    sys.exit(main("sweep", sys.argv[1:], {"sweep": bench}))

@@ -14,9 +14,6 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "platform")]
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
 
 def split_images(spec, split: str):
     """(uint8 [N, 3, S, S], labels [N]) of one split ('train' | 'eval'), decoded in-process."""
@@ -73,6 +70,8 @@ def embed_all(encoder, images, batch_size: int, device):
 
 
 def evaluate(checkpoint: str, cfg, eval_cfg) -> dict:
+    """k-NN top-1 per k and the linear probe's best top-1 of ``checkpoint`` on ``cfg.data``
+    (``eval_cfg``: :class:`rayssl.config.EvalConfig`)."""
     import time
 
     import torch
@@ -80,18 +79,18 @@ def evaluate(checkpoint: str, cfg, eval_cfg) -> dict:
     from dinov3.evaluation import knn_classify, linear_probe
     from rayssl.export import load_encoder
 
-    want = eval_cfg.get("device", "auto")
+    want = eval_cfg.device
     device = torch.device("cuda" if want == "auto" and torch.cuda.is_available() else ("cpu" if want == "auto" else want))
     t0 = time.perf_counter()
     encoder = load_encoder(checkpoint, cfg).to(device).eval()
     (xb, yb), (xq, yq) = split_images(cfg.data, "train"), split_images(cfg.data, "eval")
-    bs = int(eval_cfg.get("batch_size", 256))
+    bs = eval_cfg.batch_size
     fb, fq = embed_all(encoder, xb, bs, device), embed_all(encoder, xq, bs, device)
     n_classes = int(max(yb.max(), yq.max())) + 1
-    ks = tuple(int(k) for k in eval_cfg.get("knn_k", (10, 20, 100)))
+    ks = tuple(int(k) for k in eval_cfg.knn_k)
     results = {f"knn_top1_k{k}": float(v) for k, v in knn_classify(fb, yb, fq, yq, ks=ks, n_classes=n_classes).items()}
-    if eval_cfg.get("linear_probe", True):
-        probe = linear_probe(fb, yb, fq, yq, n_classes=n_classes, epochs=int(eval_cfg.get("probe_epochs", 100)))
+    if eval_cfg.linear_probe:
+        probe = linear_probe(fb, yb, fq, yq, n_classes=n_classes, epochs=eval_cfg.probe_epochs)
         results["linear_probe_top1"] = float(probe["top1"])
         results["linear_probe_lr"] = float(probe["lr"])
     results.update(n_bank=int(xb.shape[0]), n_query=int(xq.shape[0]), feature_dim=int(fb.shape[1]),
@@ -107,18 +106,17 @@ def format_table(checkpoint: str, data: str, results: dict) -> str:
     return "\n".join([line] + [f"{k:<{w}} | {v}" for k, v in rows] + [line])
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
-def main(raw: DictConfig) -> None:
-    from rayssl.cli import run_main
+def run(cfg) -> dict:
+    from rayssl.config import ConfigError
 
-    raw = OmegaConf.to_container(raw, resolve=False)
-    checkpoint, eval_cfg = raw.pop("checkpoint", None), raw.pop("eval", None) or {}
-    if not checkpoint or checkpoint == "???":
-        print("config error: checkpoint: required (a Ray checkpoint dir or an MLflow model URI)", file=sys.stderr)
-        sys.exit(2)
-    cfg, results = run_main(raw, lambda cfg: (cfg, evaluate(str(checkpoint), cfg, eval_cfg)))
-    print(format_table(str(checkpoint), f"{cfg.data.name} {cfg.data.path or ''}".strip(), results))
+    if not cfg.checkpoint:
+        raise ConfigError("checkpoint: required (a Ray checkpoint dir or an MLflow model URI: checkpoint=PATH)")
+    results = evaluate(cfg.checkpoint, cfg, cfg.eval)
+    print(format_table(cfg.checkpoint, f"{cfg.data.name} {cfg.data.path or ''}".strip(), results))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    from rayssl.cli import main
+
+    sys.exit(main("evaluate", sys.argv[1:], {"evaluate": run}, config_name="evaluate"))

@@ -38,7 +38,7 @@ ConfigStore.instance().store(name="prepare_data", node=PrepareConfig)
 @hydra.main(version_base=None, config_name="prepare_data")
 def main(cfg) -> None:
     from rayssl.data import DataSourceError
-    from rayssl.data.prepare import main_convert
+    from rayssl.data.catalog import prepare
 
     c = PrepareConfig(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     if c.shard_size < 1:
@@ -48,7 +48,7 @@ def main(cfg) -> None:
     source = c.source if (c.source == "cifar10" or "://" in c.source) else to_absolute_path(c.source)
     output = to_absolute_path(c.output)
     try:
-        man = main_convert(source, output, resize=c.resize, shard_size=c.shard_size, progress=c.progress,
+        man = prepare(source, output, resize=c.resize, shard_size=c.shard_size, progress=c.progress,
                            force=c.force)
     except DataSourceError as err:
         sys.exit(f"error: {err}")

@@ -23,13 +23,19 @@ def cifar10_dir() -> Path:
 
 def compose(overrides=()):
     """The same composition as experiments/*.py, validated into an ExperimentConfig."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from rayssl.config import compose as compose_config
 
-    from rayssl.config import load_config
+    return compose_config(list(overrides))
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return load_config(hydra_compose(config_name="config", overrides=list(overrides)))
+
+def data_spec(**overrides):
+    """A data config at the quickstart's scale (32/16 px crops, 4 locals, one actor), as the data
+    tests use it; ``overrides`` are DataConfig fields."""
+    from rayssl.config import DataConfig
+
+    base = dict(global_size=32, local_size=16, n_local=4, eval_size=32, num_actors=1, map_batch_size=64,
+                knn_bank_size=None, knn_query_size=None)
+    return DataConfig(**{**base, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -229,3 +229,145 @@ def test_normalize():
 def test_bad_blur_mode():
     with pytest.raises(ValueError):
         MultiCropAugmentation(blur="sometimes")
+
+
+# ---------------------------------------------------------------------------------------
+# Split path (data.augment_on=gpu): actors' geometric part + batched photometric ops
+# ---------------------------------------------------------------------------------------
+
+def _gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _split(aug, imgs, seeds):
+    gg, ll, gp, lp = aug.geometric_batch(imgs, _gens(seeds))
+    return A.apply_photometric_batch(gg, ll, gp, lp)
+
+
+@pytest.mark.parametrize("blur", ["nominal", "official"])
+@pytest.mark.parametrize("gsize,lsize,n_local,hw,n_img,seeds", [
+    (224, 96, 8, (256, 250), 3, (0, 1)),
+    (32, 16, 6, (32, 32), 12, (0, 1, 2, 3)),
+])
+def test_split_path_equals_cpu_path_bitwise(blur, gsize, lsize, n_local, hw, n_img, seeds):
+    """geometric_batch + apply_photometric_batch on CPU tensors == batch (the actors' cpu
+    path), bit for bit, for the same generators."""
+    aug = MultiCropAugmentation(gsize, lsize, n_local=n_local, blur=blur)
+    for seed in seeds:
+        imgs = [_img(*hw, seed=100 * seed + i) for i in range(n_img)]
+        keys = [1000 * seed + i for i in range(n_img)]
+        g, loc = aug.batch(imgs, _gens(keys))
+        gs, ls = _split(aug, imgs, keys)
+        assert gs.dtype == torch.uint8 and gs.shape == g.shape and ls.shape == loc.shape
+        assert torch.equal(gs, g) and torch.equal(ls, loc), (blur, gsize, seed)
+
+
+def test_split_path_every_op_on_every_crop_and_none():
+    """All ops on all crops (no gather: whole-batch branches) and no op at all."""
+    imgs = [_img(40, 36, seed=i) for i in range(4)]
+    for prob in (1.0, 0.0):
+        aug = MultiCropAugmentation(32, 16, n_local=3, flip_prob=prob, jitter_prob=prob, grayscale_prob=prob,
+                                    solarize_prob=prob)
+        aug.blur_probs = (prob, prob, prob)
+        g, loc = aug.batch(imgs, _gens(range(4)))
+        gs, ls = _split(aug, imgs, range(4))
+        assert torch.equal(gs, g) and torch.equal(ls, loc), prob
+    # grayscale without jitter: the whole-batch gray output is an expanded view internally
+    aug = MultiCropAugmentation(32, 16, n_local=2, jitter_prob=0.0, grayscale_prob=1.0)
+    g, loc = aug.batch(imgs, _gens(range(4)))
+    gs, ls = _split(aug, imgs, range(4))
+    assert torch.equal(gs, g) and torch.equal(ls, loc)
+    assert torch.equal(gs[:, :, 0], gs[:, :, 1]) and torch.equal(gs[:, :, 0], gs[:, :, 2])
+
+
+def test_geometric_batch_draws_like_batch_and_packs_params():
+    aug = MultiCropAugmentation(32, 16, n_local=4)
+    imgs = [_img(48, 40, seed=i) for i in range(16)]
+    ga, gb = _gens(range(16)), _gens(range(16))
+    aug.batch(imgs, ga)
+    gg, ll, gp, lp = aug.geometric_batch(imgs, gb)
+    assert gg.shape == (16, 2, 3, 32, 32) and ll.shape == (16, 4, 3, 16, 16) and gg.dtype == torch.uint8
+    assert gp.shape == (16, 2, A.N_PHOTO_PARAMS) and lp.shape == (16, 4, A.N_PHOTO_PARAMS)
+    assert gp.dtype == torch.float32 and lp.dtype == torch.float32
+    # the same generator draws: both generators end in the same state
+    assert all(torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b)) for a, b in zip(ga, gb))
+    # packed values: those of sample_params
+    ps = [[aug.sample_params(c, 48, 40, g) for c in range(6)] for g in _gens(range(16))]
+    packed = torch.cat([gp, lp], dim=1)
+    for i in range(16):
+        for c in range(6):
+            p, v = ps[i][c], packed[i, c]
+            assert v[A.PARAM_FLIP] == float(p["flip"]) and v[A.PARAM_GRAY] == float(p["gray"])
+            assert v[A.PARAM_SOLARIZE] == float(p["solarize"]) and v[A.PARAM_BLUR_KSIZE] == 9
+            assert v[A.PARAM_SIGMA] == (0.0 if p["sigma"] is None else torch.tensor(p["sigma"]).item())
+            assert v[A.PARAM_JITTER] == float(p["jitter"] is not None)
+            if p["jitter"] is not None:
+                assert v[A.PARAM_ORDER:A.PARAM_ORDER + 4].tolist() == [op for op, _ in p["jitter"]]
+                for op, f in p["jitter"]:
+                    assert v[A.PARAM_FACTORS + op] == torch.tensor(f).item()
+    # geometric crops are the resized boxes, unflipped
+    p = ps[3][2]
+    assert torch.equal(ll[3, 0], A.resized_crop_uint8(imgs[3], *p["box"], 16))
+    assert packed[..., A.PARAM_SOLARIZE].sum() > 0 and packed[:, 2:, A.PARAM_SOLARIZE].sum() == 0
+
+
+def test_apply_photometric_independent_of_batch_mates():
+    """A crop's result depends only on itself: any permutation, subset or lone crop (224 px:
+    a lone crop's contrast mean would otherwise be summed across threads) gives the same."""
+    for gsize, lsize, hw in ((224, 96, (256, 256)), (32, 16, (40, 40))):
+        aug = MultiCropAugmentation(gsize, lsize, n_local=4, jitter_prob=1.0)  # contrast on many crops
+        imgs = [_img(*hw, seed=i) for i in range(4)]
+        gg, ll, gp, lp = aug.geometric_batch(imgs, _gens(range(50, 54)))
+        for crops, params in ((gg.flatten(0, 1), gp.flatten(0, 1)), (ll.flatten(0, 1), lp.flatten(0, 1))):
+            full = A.apply_photometric(crops, params)
+            perm = torch.randperm(len(crops), generator=torch.Generator().manual_seed(gsize))
+            assert torch.equal(A.apply_photometric(crops[perm], params[perm]), full[perm])
+            half = perm[: len(perm) // 2]
+            assert torch.equal(A.apply_photometric(crops[half], params[half]), full[half])
+            for i in range(len(crops)):
+                assert torch.equal(A.apply_photometric(crops[i:i + 1], params[i:i + 1])[0], full[i]), (gsize, i)
+
+
+def test_apply_photometric_inputs_shapes_and_errors():
+    aug = MultiCropAugmentation(32, 16, n_local=0)
+    imgs = [_img(seed=i) for i in range(3)]
+    gg, ll, gp, lp = aug.geometric_batch(imgs, _gens(range(3)))
+    assert ll.shape == (3, 0, 3, 16, 16) and lp.shape == (3, 0, A.N_PHOTO_PARAMS)
+    before = gg.clone()
+    g, loc = A.apply_photometric_batch(gg, ll, gp.numpy(), lp.numpy())  # numpy params accepted
+    assert torch.equal(gg, before)  # the input crops are left unchanged
+    assert loc.shape == (3, 0, 3, 16, 16) and torch.equal(g, aug.batch(imgs, _gens(range(3)))[0])
+    empty = A.apply_photometric(torch.zeros(0, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, A.N_PHOTO_PARAMS))
+    assert empty.shape == (0, 3, 8, 8)
+    with pytest.raises(ValueError, match="params"):
+        A.apply_photometric(gg[0], gp[0, :1])
+    with pytest.raises(ValueError, match="crops"):
+        A.apply_photometric(gg[0].float(), gp[0])
+
+
+def test_apply_photometric_runs_on_another_device():
+    """Device plumbing without a GPU: crops on the ``meta`` device (any op mixing in a CPU
+    tensor would raise), parameters on the CPU -> crops of the same shape on that device."""
+    aug = MultiCropAugmentation(32, 16, n_local=4, jitter_prob=0.9, grayscale_prob=0.5)
+    aug.blur_probs = (0.5, 0.5, 0.5)
+    imgs = [_img(seed=i) for i in range(6)]
+    gg, ll, gp, lp = aug.geometric_batch(imgs, _gens(range(6)))
+    g, loc = A.apply_photometric_batch(gg.to("meta"), ll.to("meta"), gp, lp)
+    assert g.device.type == "meta" and g.shape == gg.shape and g.dtype == torch.uint8
+    assert loc.device.type == "meta" and loc.shape == ll.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_apply_photometric_cuda_close_to_cpu():
+    """On CUDA the device kernels round differently (fused multiply-adds, reduction order,
+    exp): rare pixels may move by a grey level or two; the crops are otherwise the same."""
+    aug = MultiCropAugmentation(224, 96, n_local=8)
+    imgs = [_img(256, 250, seed=i) for i in range(8)]
+    gg, ll, gp, lp = aug.geometric_batch(imgs, _gens(range(8)))
+    g, loc = A.apply_photometric_batch(gg, ll, gp, lp)
+    gc, lc = A.apply_photometric_batch(gg.cuda(), ll.cuda(), gp, lp)  # parameters stay on the CPU
+    gc2, _ = A.apply_photometric_batch(gg.cuda(), ll.cuda(), gp.cuda(), lp.cuda())
+    assert gc.device.type == "cuda" and torch.equal(gc, gc2)
+    for cpu, dev in ((g, gc.cpu()), (loc, lc.cpu())):
+        d = (cpu.int() - dev.int()).abs()
+        assert d.max() <= 3 and (d > 0).float().mean() < 1e-2, (d.max(), (d > 0).float().mean())

@@ -40,7 +40,7 @@ NODE_CPUS = 3
 SWEEP_OVERRIDES = [
     "model=micro", "train.epochs=1", "sweep.num_samples=2", "sweep.max_concurrent_trials=2",
     "train.num_workers=1", "train.cpus_per_worker=2", "data.num_actors=1",
-    "data.synthetic_n_train=256", "data.synthetic_n_eval=128", "train.batch_size=32",
+    "data.synthetic_n_train=256", "data.synthetic_n_eval=128", "train.global_batch_size=32",
     "train.log_every=4", "data.n_local=2", "data.map_batch_size=32",
     f"tracking.experiment={EXPERIMENT}",
     # A worker lost on a loaded 2-core runner is restarted from its checkpoint, as on a real

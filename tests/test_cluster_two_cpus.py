@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 OVERRIDES = [
     "model=micro", "data=parquet", "train.epochs=1", "train.num_workers=2", "train.cpus_per_worker=0.5",
-    "data.num_actors=1", "data.cpus_per_actor=1", "train.batch_size=16", "train.log_every=2",
+    "data.num_actors=1", "data.cpus_per_actor=1", "train.global_batch_size=32", "train.log_every=2",
     "data.n_local=2", "data.map_batch_size=32",
     "sweep.num_samples=1", "sweep.max_concurrent_trials=0", "train.system_metrics=false",
     "tracking.experiment=it-two-cpus", "tracking.register_model_name=null",

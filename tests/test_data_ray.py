@@ -1,12 +1,15 @@
 """rayssl.data Ray pipelines on tiny data (on the pytest run's shared Ray instance)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
 
-from rayssl.data import (DataSpec, build_knn_dataset, build_train_dataset, ray_data_limits,  # noqa: E402
+from conftest import data_spec  # noqa: E402
+from rayssl.data import (build_knn_dataset, build_train_dataset, ray_data_limits,  # noqa: E402
                          read_concurrency, skip_stats, validate_source)
 from rayssl.data.prepare import convert_imagefolder  # noqa: E402
 from test_data_sources import make_clean_imagefolder, make_odd_imagefolder  # noqa: E402
@@ -37,7 +40,7 @@ def _collect(ds):
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-SYN = DataSpec(synthetic_n_train=48, synthetic_n_eval=20, map_batch_size=16, n_local=3)
+SYN = data_spec(synthetic_n_train=48, synthetic_n_eval=20, map_batch_size=16, n_local=3)
 
 
 def test_synthetic_train_stream_shapes_order_and_determinism():
@@ -57,7 +60,7 @@ def test_synthetic_train_stream_shapes_order_and_determinism():
 
 
 def test_synthetic_eval_datasets():
-    knn = build_knn_dataset(DataSpec(synthetic_n_train=48, synthetic_n_eval=20, eval_size=32, knn_bank_size=30))
+    knn = build_knn_dataset(data_spec(synthetic_n_train=48, synthetic_n_eval=20, eval_size=32, knn_bank_size=30))
     b, q = _knn_splits(knn)
     assert b["image"].shape == (30, 3, 32, 32) and b["image"].dtype == np.uint8
     assert q["image"].shape == (20, 3, 32, 32) and q["label"].dtype == np.int64
@@ -66,7 +69,7 @@ def test_synthetic_eval_datasets():
 
 def test_imagefolder_bad_files_counted_and_others_used(tmp_path):
     root = make_odd_imagefolder(tmp_path / "odd")
-    spec = DataSpec(name="imagefolder", path=str(root), map_batch_size=8, n_local=2)
+    spec = data_spec(name="imagefolder", path=str(root), map_batch_size=8, n_local=2)
     n = validate_source(spec).n_train
     a = _collect(build_train_dataset(spec, seed=0, epochs=1))
     assert len(a["epoch"]) == n == 14  # the corrupt slot is refilled: epoch length is kept
@@ -81,7 +84,7 @@ def test_parquet_train_and_eval(tmp_path):
     src = make_clean_imagefolder(tmp_path / "src")
     out = tmp_path / "pq"
     convert_imagefolder(str(src), str(out), shard_size=5, progress=False)
-    spec = DataSpec(name="parquet", path=str(out), map_batch_size=8, n_local=2)
+    spec = data_spec(name="parquet", path=str(out), map_batch_size=8, n_local=2)
     a = _collect(build_train_dataset(spec, seed=3, epochs=2))
     assert a["epoch"].tolist() == [0] * 18 + [1] * 18
     assert a["global"].shape == (36, 2, 3, 32, 32)
@@ -93,18 +96,17 @@ def test_parquet_train_and_eval(tmp_path):
 
 
 def test_ray_data_limits():
-    opts = ray_data_limits(DataSpec(max_cpus=1))
+    opts = ray_data_limits(data_spec(max_cpus=1))
     assert opts.preserve_order and opts.resource_limits.cpu == 1
     # no max_cpus: capped at what the actor pool holds, the amount a trial reserves for data
-    default = ray_data_limits(DataSpec(num_actors=3, cpus_per_actor=0.5))
+    default = ray_data_limits(data_spec(num_actors=3, cpus_per_actor=0.5))
     assert default.preserve_order and default.resource_limits.cpu == 1.5
 
 
 def test_read_concurrency_default_and_override():
-    assert read_concurrency(DataSpec(num_actors=1)) == 1
-    assert read_concurrency(DataSpec(num_actors=9)) == 3  # one per 4 actors, rounded up
-    assert read_concurrency(DataSpec(num_actors=9, max_cpus=4)) == 1  # 4 actors run
-    assert read_concurrency(DataSpec(num_actors=2, read_concurrency=5)) == 5
+    assert read_concurrency(data_spec(num_actors=1)) == 1
+    assert read_concurrency(data_spec(num_actors=9)) == 3  # one per 4 actors, rounded up
+    assert read_concurrency(data_spec(num_actors=2, read_concurrency=5)) == 5
 
 
 def _max_overlap(intervals):
@@ -126,7 +128,7 @@ def test_train_stream_reads_one_shard_at_a_time_in_map_batch_blocks(tmp_path):
     src = make_clean_imagefolder(tmp_path / "src")
     out = tmp_path / "pq"
     convert_imagefolder(str(src), str(out), shard_size=3, progress=False)  # 18 train rows: 6 shards
-    spec = DataSpec(name="parquet", path=str(out), map_batch_size=4, n_local=2, num_actors=1, read_concurrency=1)
+    spec = data_spec(name="parquet", path=str(out), map_batch_size=4, n_local=2, num_actors=1, read_concurrency=1)
     t0_ms = time.time() * 1000
     blocks = [len(b["epoch"]) for b in build_train_dataset(spec, seed=0, epochs=2).iter_batches(batch_size=None)]
     assert sum(blocks) == 36 and max(blocks) <= 4, blocks  # default 128 MiB blocks: a task's whole output
@@ -182,9 +184,9 @@ def test_all_bad_batches_keep_every_row(tmp_path):
         Image.fromarray(np.full((40, 40, 3), v, np.uint8)).save(buf, "JPEG")
         return buf.getvalue()
 
-    spec = DataSpec(name="parquet", path=str(tmp_path), n_local=2)
+    spec = data_spec(name="parquet", path=str(tmp_path), n_local=2)
     threads = torch.get_num_threads()
-    w = MultiCropWorker(spec=spec.to_dict(), seed=0, start_epoch=0, n_rows=0, counter_name="rayssl_test_bad_rows")
+    w = MultiCropWorker(spec=dataclasses.asdict(spec), seed=0, start_epoch=0, n_rows=0, counter_name="rayssl_test_bad_rows")
     torch.set_num_threads(threads)  # the actor class pins its process to 1 thread; not this one
 
     def batch(datas, keys):
@@ -205,7 +207,7 @@ def test_all_bad_batches_keep_every_row(tmp_path):
 def test_skips_counted_per_run(tmp_path):
     """Two runs on one source count their bad images apart (concurrent trials)."""
     root = make_odd_imagefolder(tmp_path / "odd")
-    spec = DataSpec(name="imagefolder", path=str(root), map_batch_size=8, n_local=1)
+    spec = data_spec(name="imagefolder", path=str(root), map_batch_size=8, n_local=1)
     a = _collect(build_train_dataset(spec, seed=0, epochs=2, run_key="run-a"))
     assert len(a["epoch"]) == 28
     assert skip_stats(spec, run_key="run-a")["events"] == 2  # the corrupt file, once per epoch
@@ -223,9 +225,44 @@ def test_parquet_flat_dir_hash_split_stream(tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
     os.replace(tmp_path / "pq" / "train" / "part-00000.parquet", flat / "part-00000.parquet")
-    spec = DataSpec(name="parquet", path=str(flat), map_batch_size=16, n_local=1)
+    spec = data_spec(name="parquet", path=str(flat), map_batch_size=16, n_local=1)
     info = validate_source(spec)
     a = _collect(build_train_dataset(spec, seed=0, epochs=1))
     assert len(a["epoch"]) == info.n_train
     bank, query = _knn_splits(build_knn_dataset(spec))
     assert len(bank["label"]) == info.n_train and len(query["label"]) == info.n_eval
+
+
+def test_gpu_augment_stream_gives_the_cpu_stream_crops():
+    """data.augment_on=gpu: the actors ship geometric crops + packed photometric parameters;
+    the trainer's batched photometric ops (here on CPU tensors, per consumed batch) give
+    exactly the cpu stream's crops, row for row, over two epochs."""
+    from dinov3.augment import N_PHOTO_PARAMS, apply_photometric_batch
+    from rayssl.data.pipeline import MultiCropWorker
+
+    base = dict(synthetic_n_train=40, synthetic_n_eval=20, map_batch_size=16, n_local=3, blur="official",
+                synthetic_image_size=48)
+    cpu = _collect(build_train_dataset(data_spec(**base), seed=11, epochs=2))
+    got = {"global": [], "local": [], "epoch": []}
+    for b in build_train_dataset(data_spec(**base, augment_on="gpu"), seed=11, epochs=2).iter_torch_batches(
+            batch_size=24):
+        assert b["global_params"].dtype == torch.float32 and b["global_params"].shape[1:] == (2, N_PHOTO_PARAMS)
+        assert b["local_params"].shape[1:] == (3, N_PHOTO_PARAMS) and b["global"].dtype == torch.uint8
+        g, loc = apply_photometric_batch(b["global"], b["local"], b["global_params"], b["local_params"])
+        got["global"].append(g.numpy())
+        got["local"].append(loc.numpy())
+        got["epoch"].append(b["epoch"].numpy())
+    got = {k: np.concatenate(v) for k, v in got.items()}
+    assert got["epoch"].tolist() == cpu["epoch"].tolist() == [0] * 40 + [1] * 40
+    assert np.array_equal(got["global"], cpu["global"]) and np.array_equal(got["local"], cpu["local"])
+
+    # an all-bad first batch: empty columns of the same dtypes and trailing shapes
+    threads = torch.get_num_threads()
+    w = MultiCropWorker(spec=dataclasses.asdict(data_spec(name="parquet", n_local=3, augment_on="gpu")), seed=0,
+                        counter_name="rayssl_test_gpu_aug_bad_rows")
+    torch.set_num_threads(threads)
+    out = w({"image": np.array([b"not an image"], dtype=object), "key": np.array(["x"]),
+             "epoch": np.zeros(1, np.int64)})
+    assert out["global_params"].shape == (0, 2, N_PHOTO_PARAMS) and out["local_params"].dtype == np.float32
+    with pytest.raises(ValueError, match="augment_on"):
+        build_train_dataset(data_spec(**base, augment_on="tpu"), seed=0, epochs=1)

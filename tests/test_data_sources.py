@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rayssl.data import DataSourceError, DataSpec, decode_image, validate_source
+from conftest import data_spec
+from rayssl.data import DataSourceError, decode_image, validate_source
 from rayssl.data import synthetic
 from rayssl.data.cifar10 import convert_tarball, ensure_cifar10, md5sum
 from rayssl.data.prepare import convert_imagefolder
@@ -118,7 +119,7 @@ def test_synthetic_colour_does_not_give_the_class():
 
 
 def test_validate_synthetic():
-    info = validate_source(DataSpec(synthetic_n_train=100, synthetic_n_eval=20))
+    info = validate_source(data_spec(synthetic_n_train=100, synthetic_n_eval=20))
     assert (info.n_train, info.n_eval, len(info.class_names)) == (100, 20, 10)
 
 
@@ -130,23 +131,24 @@ def test_validate_synthetic():
 def test_missing_path_names_it(tmp_path, name):
     missing = str(tmp_path / "nowhere" / "data")
     with pytest.raises(DataSourceError, match="nowhere/data"):
-        validate_source(DataSpec(name=name, path=missing))
+        validate_source(data_spec(name=name, path=missing))
 
 
 @pytest.mark.parametrize("name", ["imagefolder", "parquet"])
 def test_empty_dir_names_it(tmp_path, name):
     (tmp_path / "empty" / "train" / "cls").mkdir(parents=True)
     with pytest.raises(DataSourceError, match=str(tmp_path / "empty")):
-        validate_source(DataSpec(name=name, path=str(tmp_path / "empty")))
+        validate_source(data_spec(name=name, path=str(tmp_path / "empty")))
 
 
 def test_missing_path_raises_before_ray():
     # In a fresh interpreter: this pytest run's shared Ray instance may already be up.
     code = (
         "import ray\n"
-        "from rayssl.data import DataSourceError, DataSpec, build_train_dataset\n"
+        "from rayssl.config import DataConfig\n"
+        "from rayssl.data import DataSourceError, build_train_dataset\n"
         "try:\n"
-        "    build_train_dataset(DataSpec(name='imagefolder', path='/no/such/dir'), seed=0, epochs=1)\n"
+        "    build_train_dataset(DataConfig(name='imagefolder', path='/no/such/dir'), seed=0, epochs=1)\n"
         "except DataSourceError as err:\n"
         "    assert '/no/such/dir' in str(err), err\n"
         "else:\n"
@@ -165,7 +167,7 @@ def test_missing_path_raises_before_ray():
 
 def test_imagefolder_listing(tmp_path):
     root = make_odd_imagefolder(tmp_path / "odd")
-    info = validate_source(DataSpec(name="imagefolder", path=str(root)))
+    info = validate_source(data_spec(name="imagefolder", path=str(root)))
     assert info.class_names == ["a", "b"]
     assert info.n_train == 4 * 2 + 6 and info.n_eval == 4  # notes.txt is not listed
     lst = list_imagefolder(str(root))
@@ -219,7 +221,7 @@ def test_prepare_parquet_round_trip(tmp_path):
                                            table.column("label").to_pylist())}
     assert got == want
     assert table.column("label").to_pylist() != sorted(table.column("label").to_pylist())  # shuffled rows
-    info = validate_source(DataSpec(name="parquet", path=str(out)))
+    info = validate_source(data_spec(name="parquet", path=str(out)))
     assert (info.n_train, info.n_eval, info.class_names) == (18, 6, ["a", "b", "c"])
     # idempotent: second run skips; a changed parameter rewrites
     assert convert_imagefolder(str(src), str(out), shard_size=7, progress=False).get("skipped_existing")
@@ -338,7 +340,7 @@ def test_memory_uri_filesystem_resolved_once_per_bucket(memfs, count_resolves):
                 written[f"memory://{ba}/ds/{split}/{c}/img {i}.jpg"] = data
     fs.pipe(f"/{ba}/ds/train/cat/readme.txt", b"not an image")
     root = f"memory://{ba}/ds"
-    info = validate_source(DataSpec(name="imagefolder", path=root))
+    info = validate_source(data_spec(name="imagefolder", path=root))
     assert (info.n_train, info.n_eval, info.class_names) == (10, 4, ["cat", "dog"])
     lst = list_imagefolder(root)
     paths = lst.train.paths + lst.eval.paths
@@ -355,7 +357,7 @@ def test_memory_uri_filesystem_resolved_once_per_bucket(memfs, count_resolves):
         pq.write_table(t, buf)
         fs.pipe(f"/{bb}/pq/{split}/part-00000.parquet", buf.getvalue())
     fs.pipe(f"/{bb}/pq/classes.json", json.dumps(["cat", "dog"]).encode())
-    info = validate_source(DataSpec(name="parquet", path=f"memory://{bb}/pq"))
+    info = validate_source(data_spec(name="parquet", path=f"memory://{bb}/pq"))
     assert (info.n_train, info.n_eval, info.class_names) == (7, 3, ["cat", "dog"])
     assert list_parquet(f"memory://{bb}/pq").eval_files == (f"memory://{bb}/pq/val/part-00000.parquet",)
     assert read_bytes(f"memory://{bb}/pq/classes.json") == json.dumps(["cat", "dog"]).encode()
@@ -382,7 +384,7 @@ def test_pyarrow_uri_filesystem_cached_per_bucket(count_resolves):
                         f.write(data)
                     written[f"mock://{bucket}/ds/{split}/{c}/{i}.jpg"] = data
     for bucket, n in (("one", 3), ("two", 2)):
-        info = validate_source(DataSpec(name="imagefolder", path=f"mock://{bucket}/ds"))
+        info = validate_source(data_spec(name="imagefolder", path=f"mock://{bucket}/ds"))
         assert (info.n_train, info.n_eval) == (2 * n, 2 * n)
         lst = list_imagefolder(f"mock://{bucket}/ds")
         for p in lst.train.paths + lst.eval.paths:
@@ -408,7 +410,7 @@ def test_uri_paths_derived_without_reparsing(count_resolves):
 
 def test_synthetic_without_eval_images():
     with pytest.raises(DataSourceError, match="synthetic_n_eval=0"):
-        validate_source(DataSpec(synthetic_n_train=10, synthetic_n_eval=0))
+        validate_source(data_spec(synthetic_n_train=10, synthetic_n_eval=0))
 
 
 @pytest.mark.parametrize("name", ["val", "test", "validation"])
@@ -419,7 +421,7 @@ def test_imagefolder_empty_eval_dir_names_it(tmp_path, name):
     (root / name / "b" / "notes.txt").parent.mkdir()
     (root / name / "b" / "notes.txt").write_text("not an image")
     with pytest.raises(DataSourceError, match=re.escape(f"eval split {root / name} holds no images")) as err:
-        validate_source(DataSpec(name="imagefolder", path=str(root)))
+        validate_source(data_spec(name="imagefolder", path=str(root)))
     assert "remove that folder" in str(err.value) and "hash" in str(err.value)
 
 
@@ -428,7 +430,7 @@ def test_imagefolder_eval_dir_of_other_classes(tmp_path):
     os.rename(root / "val" / "a", root / "val" / "x")
     os.rename(root / "val" / "b", root / "val" / "y")
     with pytest.raises(DataSourceError, match=re.escape(str(root / "val"))) as err:
-        validate_source(DataSpec(name="imagefolder", path=str(root)))
+        validate_source(data_spec(name="imagefolder", path=str(root)))
     assert "x, y are not in" in str(err.value)
 
 
@@ -443,7 +445,7 @@ def test_imagefolder_hash_split_holding_out_nothing(tmp_path):
         for i, f in enumerate(_names_held(False, 3, c)):
             _save(root / c / f, Image.fromarray(_rgb(i, 8, 8)), "PNG")
     with pytest.raises(DataSourceError, match=re.escape(str(root))) as err:
-        validate_source(DataSpec(name="imagefolder", path=str(root)))
+        validate_source(data_spec(name="imagefolder", path=str(root)))
     assert "held out none of the 6 images" in str(err.value) and str(root / "val") in str(err.value)
 
 
@@ -452,7 +454,7 @@ def test_imagefolder_hash_split_holding_out_everything(tmp_path):
     for i, f in enumerate(_names_held(True, 2, "a")):
         _save(root / "a" / f, Image.fromarray(_rgb(i, 8, 8)), "PNG")
     with pytest.raises(DataSourceError, match="held out all 2 images"):
-        validate_source(DataSpec(name="imagefolder", path=str(root)))
+        validate_source(data_spec(name="imagefolder", path=str(root)))
 
 
 def test_memory_uri_empty_eval_dir_names_it(memfs, count_resolves):
@@ -461,13 +463,13 @@ def test_memory_uri_empty_eval_dir_names_it(memfs, count_resolves):
     fs.mkdir(f"/{ba}/ds/val/a")
     fs.pipe(f"/{ba}/ds/val/a/.hidden.jpg", _jpeg(1))
     with pytest.raises(DataSourceError, match=re.escape(f"eval split memory://{ba}/ds/val holds no images")):
-        validate_source(DataSpec(name="imagefolder", path=f"memory://{ba}/ds"))
+        validate_source(data_spec(name="imagefolder", path=f"memory://{ba}/ds"))
 
 
 def _prepared_parquet(tmp_path) -> Path:
     out = tmp_path / "pq"
     convert_imagefolder(str(make_clean_imagefolder(tmp_path / "src", n_per_class=2)), str(out), progress=False)
-    assert validate_source(DataSpec(name="parquet", path=str(out))).n_eval == 6
+    assert validate_source(data_spec(name="parquet", path=str(out))).n_eval == 6
     list_parquet.cache_clear()
     return out
 
@@ -477,7 +479,7 @@ def test_parquet_eval_dir_without_shards_names_it(tmp_path):
     for f in (out / "val").iterdir():
         f.unlink()
     with pytest.raises(DataSourceError, match=re.escape(f"eval split {out / 'val'} holds no .parquet shards")):
-        validate_source(DataSpec(name="parquet", path=str(out)))
+        validate_source(data_spec(name="parquet", path=str(out)))
 
 
 def test_parquet_eval_shards_without_rows_names_them(tmp_path):
@@ -487,7 +489,7 @@ def test_parquet_eval_shards_without_rows_names_them(tmp_path):
     for f in (out / "val").iterdir():
         pq.write_table(pq.read_table(f).slice(0, 0), f)
     with pytest.raises(DataSourceError, match=re.escape(f"eval split {out / 'val'} holds .parquet shards with no rows")):
-        validate_source(DataSpec(name="parquet", path=str(out)))
+        validate_source(data_spec(name="parquet", path=str(out)))
 
 
 def test_parquet_hash_split_holding_out_nothing(tmp_path):
@@ -499,7 +501,7 @@ def test_parquet_hash_split_holding_out_nothing(tmp_path):
     keys = [k for k in (f"k{i}" for i in range(100)) if not held_out(k)][:4]
     pq.write_table(pa.table({"image": [_jpeg(i) for i in range(4)], "key": keys}), flat / "part-00000.parquet")
     with pytest.raises(DataSourceError, match=re.escape(str(flat))) as err:
-        validate_source(DataSpec(name="parquet", path=str(flat)))
+        validate_source(data_spec(name="parquet", path=str(flat)))
     assert "held out none of the 4 rows" in str(err.value) and str(flat / "val") in str(err.value)
 
 
@@ -514,7 +516,7 @@ def test_cifar10_tarball_conversion(tmp_path):
     out = tmp_path / "cifar"
     man = convert_tarball(str(tarball), str(out), shard_size=8, progress=False)
     assert man["splits"]["train"]["rows"] == 20 and man["splits"]["test"]["rows"] == 6
-    info = validate_source(DataSpec(name="parquet", path=str(out)))
+    info = validate_source(data_spec(name="parquet", path=str(out)))
     assert (info.n_train, info.n_eval) == (20, 6) and info.class_names[0] == "airplane"
     # JPEG bytes (quality 95) of the right pixels, and the labels
     with tarfile.open(tarball) as tar:
@@ -537,7 +539,7 @@ def test_cifar10_download_checks_md5(tmp_path):
         ensure_cifar10(str(tmp_path / "bad"), url=url, md5="0" * 32)
     assert not (tmp_path / "bad" / "cifar-10-python.tar.gz").exists()
     out = ensure_cifar10(str(tmp_path / "good"), url=url, md5=md5sum(str(tarball)))
-    info = validate_source(DataSpec(name="cifar10", path=out))
+    info = validate_source(data_spec(name="cifar10", path=out))
     assert (info.n_train, info.n_eval) == (20, 6)
     assert ensure_cifar10(str(tmp_path / "good"), url="http://unreachable.invalid/x", md5="0") == out  # cached
 
@@ -545,7 +547,7 @@ def test_cifar10_download_checks_md5(tmp_path):
 @pytest.mark.skipif(not (CIFAR10_DIR / "train").is_dir(),
                     reason=f"shared CIFAR-10 ImageFolder not found at {CIFAR10_DIR} (set DINOV3_CIFAR10_DIR)")
 def test_shared_cifar10_counts():
-    info = validate_source(DataSpec(name="imagefolder", path=str(CIFAR10_DIR)))
+    info = validate_source(data_spec(name="imagefolder", path=str(CIFAR10_DIR)))
     assert (info.n_train, info.n_eval) == (50000, 10000)
     assert info.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                 "ship", "truck"]

@@ -30,6 +30,8 @@ import torch
 
 from conftest import cifar10_dir
 
+pytestmark = pytest.mark.slow  # a minute of training: the full suite, not the fast layer
+
 N_TRAIN, N_BANK, N_QUERY, BATCH, STEPS = 4000, 2000, 1000, 64, 150
 MODEL = dict(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
              drop_path_rate=0.0, n_register_tokens=4, head_hidden_dim=256, head_bottleneck_dim=64,

@@ -58,7 +58,7 @@ def test_two_trial_sweep_with_two_ddp_workers_logs_nested_runs(ray_session, mlfl
     uri = mlflow_server
     cfg = compose([
         "model=micro", f"train.epochs={EPOCHS}", "train.num_workers=2", "train.cpus_per_worker=0.5",
-        "train.batch_size=16", "train.log_every=2", "data.synthetic_n_train=192", "data.synthetic_n_eval=96",
+        "train.global_batch_size=32", "train.log_every=2", "data.synthetic_n_train=192", "data.synthetic_n_eval=96",
         "data.n_local=2", "data.map_batch_size=32", "sweep.num_samples=2", f"tracking.uri={uri}",
         f"train.storage_path={tmp_path}/ray_results", "tracking.experiment=it-sweep",
         "sweep.scheduler=asha_promotion", "sweep.grace_period=1", "sweep.reduction_factor=2",

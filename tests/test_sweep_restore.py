@@ -21,11 +21,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 LRS = [0.004, 1e30, 0.003]
 OVERRIDES = [
     "model=micro", "train.epochs=2", "train.num_workers=1", "train.cpus_per_worker=0.5",
-    "train.batch_size=16", "train.log_every=2", "data.synthetic_n_train=96", "data.synthetic_n_eval=32",
+    "train.global_batch_size=16", "train.log_every=2", "data.synthetic_n_train=96", "data.synthetic_n_eval=32",
     "data.n_local=2", "data.map_batch_size=32", "train.system_metrics=false", "ray.num_cpus=2",
     "sweep.max_concurrent_trials=1", "sweep.num_samples=1", "sweep.run_name=resilient",
-    "method.clip_grad=1e30", "method.lr_warmup_frac=0", "~sweep.space",
-    f"+sweep.space={{base_lr: {{type: grid, values: [{', '.join(map(repr, LRS))}]}}}}",
+    "method.clip_grad=1e30", "method.lr_warmup_frac=0", "sweep=custom",
+    f"+sweep.space.base_lr={{type: grid, values: [{', '.join(map(repr, LRS))}]}}",
     "tracking.experiment=it-restore", "tracking.register_model_name=null",
 ]
 

@@ -1,6 +1,7 @@
 """Training-loop pieces without Ray: NaN guard, resumable metric logging, collapse threshold,
 data-starvation advice, exported encoder (safetensors + MLflow model) and the PCA picture."""
 
+import dataclasses
 import io
 import math
 
@@ -20,50 +21,50 @@ def micro_method():
 
 
 def test_check_finite_names_step_and_term():
-    from rayssl.train import NonFiniteLossError, check_finite
+    from rayssl.loop import NonFiniteLossError, check_finite
 
     terms = {"loss": torch.tensor(1.0), "loss_cls": torch.tensor(float("nan")), "loss_koleo": torch.tensor(float("inf"))}
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 17: loss_cls, loss_koleo"):
         check_finite(terms, 17)
     values = check_finite({"loss": torch.tensor(2.0), "teacher_entropy": torch.tensor(0.5)}, 3)
-    assert values.tolist() == [2.0, 0.5]
+    assert values == {"loss": 2.0, "teacher_entropy": 0.5}
 
 
 def test_resume_finds_newest_readable_checkpoint_ray_never_registered(tmp_path):
     """A worker killed right after report leaves a checkpoint Ray did not record: resume
     takes the newest complete one on storage, skipping one cut short."""
-    import ray.train
-
-    from rayssl.train import CHECKPOINT_FILE, load_first_readable, resume_candidates
+    from rayssl.checkpoint import CHECKPOINT_FILE, Checkpointer, newest_meta
 
     run_dir = tmp_path / "run"
     for step, stamp in [(3, "2026-01-01_00-00-03.000000"), (6, "2026-01-01_00-00-06.000000")]:
-        (run_dir / f"checkpoint_{stamp}").mkdir(parents=True)
-        torch.save({"step": step}, run_dir / f"checkpoint_{stamp}" / CHECKPOINT_FILE)
+        Checkpointer.save({"step": step, "epoch": step // 3}, str(run_dir / f"checkpoint_{stamp}"))
     cut = run_dir / "checkpoint_2026-01-01_00-00-09.000000"
     cut.mkdir()
     (cut / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04truncated")
     (run_dir / "not_a_checkpoint").mkdir()
-    registered = ray.train.Checkpoint(str(run_dir / "checkpoint_2026-01-01_00-00-03.000000"))
+    registered = str(run_dir / "checkpoint_2026-01-01_00-00-03.000000")
 
-    candidates = resume_candidates(str(run_dir), registered)
-    assert [c.path[-9:] for c in candidates] == ["09.000000", "06.000000", "03.000000"]
-    state, path = load_first_readable(candidates)
+    ckpt = Checkpointer(str(run_dir), every=0, steps_per_epoch=3, total_steps=9, registered=registered)
+    assert [c[-9:] for c in ckpt.candidates()] == ["09.000000", "06.000000", "03.000000"]
+    state, path = ckpt.load()
     assert state["step"] == 6 and path.endswith("06.000000")
+    assert newest_meta(str(run_dir)) == {"step": 6, "epoch": 2}  # what the driver reads to start the stream
 
     elsewhere = tmp_path / "moved" / "checkpoint_x"
-    elsewhere.mkdir(parents=True)
-    torch.save({"step": 2}, elsewhere / CHECKPOINT_FILE)
-    only = resume_candidates(str(tmp_path / "empty"), ray.train.Checkpoint(str(elsewhere)))
-    assert load_first_readable(only)[0]["step"] == 2
-    assert load_first_readable(resume_candidates(str(tmp_path / "empty"), None)) == (None, None)
+    Checkpointer.save({"step": 2}, str(elsewhere))
+    only = Checkpointer(str(tmp_path / "empty"), 0, 3, 9, registered=str(elsewhere))
+    assert only.load()[0]["step"] == 2
+    assert Checkpointer(str(tmp_path / "empty"), 0, 3, 9).load() == (None, None)
+    assert newest_meta(str(tmp_path / "empty")) is None
+    resume = Checkpointer(str(tmp_path / "empty"), 0, 3, 9, resume_from=str(elsewhere))
+    assert resume.load()[0]["step"] == 2  # train.resume_from: only when the run has none of its own
 
 
 def test_resumable_logger_skips_steps_already_logged(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from rayssl import tracking
-    from rayssl.train import ResumableLogger
+    from rayssl.tracking import ResumableLogger
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp = tracking.get_or_create_experiment(uri, "units")
@@ -83,7 +84,7 @@ def test_resumable_logger_skips_steps_already_logged(tmp_path):
 
 def test_collapse_threshold_is_near_uniform_entropy():
     from dinov3.losses import entropy
-    from rayssl.train import COLLAPSE_FRACTION
+    from rayssl.telemetry import COLLAPSE_FRACTION
 
     k = 256
     uniform = torch.full((4, k), 1.0 / k)
@@ -93,23 +94,20 @@ def test_collapse_threshold_is_near_uniform_entropy():
 
 
 def test_data_starvation_hint_sizes_the_actor_pool():
-    from rayssl.train import DATA_WAIT_WARN, data_starvation_hint
+    from rayssl.telemetry import DATA_WAIT_WARN, data_starvation_hint
 
-    data = compose(["data.num_actors=8"]).data
-    assert data_starvation_hint(DATA_WAIT_WARN, data) is None  # waiting 20% or less: no advice
+    assert data_starvation_hint(DATA_WAIT_WARN, 8, 1.0) is None  # waiting 20% or less: no advice
     # waited 75%: the step alone runs 4x as fast as the 8 actors feed it -> 32 actors
-    hint = data_starvation_hint(0.75, data)
+    hint = data_starvation_hint(0.75, 8, 1.0)
     assert "75%" in hint and "about 32 actors" in hint and "data.num_actors=8" in hint
-    # max_cpus caps the pool at 4 actors (build_train_dataset): 4 / 0.25 = 16
-    capped = compose(["data.num_actors=8", "data.max_cpus=4"]).data
-    hint = data_starvation_hint(0.75, capped)
+    hint = data_starvation_hint(0.75, 4, 1.0, max_cpus=4)
     assert "about 16 actors" in hint and "data.max_cpus=4" in hint
-    assert "about 160 actors" in data_starvation_hint(0.999, data)  # bounded at 20x
+    assert "about 160 actors" in data_starvation_hint(0.999, 8, 1.0)  # bounded at 20x
 
 
 def test_unnamed_training_runs_never_share_a_name():
     """Only a chosen train.run_name resumes; two unnamed runs get their own checkpoint folders."""
-    from rayssl.trainer import training_run_name
+    from rayssl.launch import training_run_name
 
     cfg = compose(["model=micro"])
     a, b = training_run_name(cfg), training_run_name(cfg)
@@ -169,7 +167,8 @@ def test_evaluate_checkpoint_dir_in_process(micro_method, tmp_path):
     spec = importlib.util.spec_from_file_location("evaluate_entry", REPO / "experiments" / "evaluate.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    results = mod.evaluate(str(tmp_path), cfg, {"knn_k": [5, 20], "probe_epochs": 5, "device": "cpu"})
+    eval_cfg = dataclasses.replace(cfg.eval, knn_k=[5, 20], probe_epochs=5, device="cpu")
+    results = mod.evaluate(str(tmp_path), cfg, eval_cfg)
     assert results["n_bank"] == 64 and results["n_query"] == 32 and results["feature_dim"] == micro_method.embed_dim
     for key in ("knn_top1_k5", "knn_top1_k20", "linear_probe_top1"):
         assert 0.0 <= results[key] <= 100.0
@@ -177,45 +176,46 @@ def test_evaluate_checkpoint_dir_in_process(micro_method, tmp_path):
 
 
 def test_knn_evaluation_retries_a_transient_data_failure(monkeypatch):
-    """A Ray Data failure while reading the k-NN sets is retried from the start (up to
-    EVAL_ATTEMPTS); the result equals an undisturbed evaluation; a lasting failure is raised."""
-    import rayssl.train as train
+    """A failure while reading the k-NN sets is retried from the start (up to EVAL_ATTEMPTS);
+    the result equals an undisturbed evaluation; a lasting failure is raised. The second
+    evaluation reads the cached set, not the stream."""
+    import rayssl.evaluator as ev
     from dinov3.evaluation import knn_classify
     from rayssl.method import build_method
 
     cfg = compose(["model=micro", "model.layerscale_init=null", "train.knn_k=5"])
     torch.manual_seed(0)  # no LayerScale: distinct features, so no ties among neighbours
     micro_method = build_method(cfg.method.name, cfg.method_kwargs()).eval()
-    from rayssl.data import KNN_BANK, KNN_QUERY
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (36, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.cat([torch.arange(24) % 4, torch.arange(12) % 4])
-    split = torch.tensor([KNN_BANK] * 24 + [KNN_QUERY] * 12)
-    cache = {"knn": (images, labels, split)}
-    real = train.eval_batches
+    split = torch.tensor([ev.KNN_BANK] * 24 + [ev.KNN_QUERY] * 12)
     calls = {"n": 0, "fail": 1}
 
-    def flaky(cache_, device, batch_size=256):
+    def flaky():
         calls["n"] += 1
         if calls["n"] <= calls["fail"]:
             raise RuntimeError("ActorUnschedulableError: transient")
-        yield from real(cache_, device, batch_size=5)  # batches holding bank and query rows
+        for i in range(0, 36, 5):  # batches holding bank and query rows
+            yield images[i:i + 5], labels[i:i + 5], split[i:i + 5]
 
-    monkeypatch.setattr(train, "eval_batches", flaky)
-    monkeypatch.setattr(train.time, "sleep", lambda s: None)
-    out = train.evaluate_knn(micro_method, cfg, torch.device("cpu"), cache=cache)
+    monkeypatch.setattr(ev.time, "sleep", lambda s: None)
+    evaluator = ev.KnnEvaluator(flaky, torch.device("cpu"), every_epochs=1, k=5, epochs=2)
+    out = evaluator.run(micro_method, step=0)
     with torch.no_grad():
         feats = micro_method.embed(images).float()
     expected = knn_classify(feats[:24], labels[:24], feats[24:], labels[24:], ks=(5, 10, 100), n_classes=4)
     assert out["knn_top1"] == pytest.approx(float(expected[5]))
     assert out["knn_top1_k100"] == pytest.approx(float(expected[100]))
     assert calls["n"] == 2  # one failed attempt, then one pass over bank + queries
+    assert evaluator.run(micro_method, step=1) == out and calls["n"] == 2  # from the cache
 
     calls.update(n=0, fail=10)
+    fresh = ev.KnnEvaluator(flaky, torch.device("cpu"), every_epochs=1, k=5, epochs=2)
     with pytest.raises(RuntimeError, match="transient"):
-        train.evaluate_knn(micro_method, cfg, torch.device("cpu"), cache=cache)
-    assert calls["n"] == train.EVAL_ATTEMPTS
+        fresh.run(micro_method, step=0)
+    assert calls["n"] == ev.EVAL_ATTEMPTS
 
 
 def test_first_item_is_fetched_ahead_in_the_background():
@@ -223,7 +223,7 @@ def test_first_item_is_fetched_ahead_in_the_background():
     stream starts up during the initial k-NN evaluation); items and errors come through in order."""
     import threading
 
-    from rayssl.train import FirstFetchedAhead
+    from rayssl.loop import prefetch_first
 
     started = threading.Event()
 
@@ -231,14 +231,14 @@ def test_first_item_is_fetched_ahead_in_the_background():
         started.set()
         yield from (1, 2, 3)
 
-    it = FirstFetchedAhead(items())
+    it = prefetch_first(items())
     assert started.wait(5), "the first item was not requested before it was taken"
     assert list(it) == [1, 2, 3]
-    assert list(FirstFetchedAhead(iter(()))) == []
+    assert list(prefetch_first(iter(()))) == []
 
     def failing():
         raise ValueError("stream broke")
         yield  # noqa: unreachable
 
     with pytest.raises(ValueError, match="stream broke"):
-        next(FirstFetchedAhead(failing()))
+        next(prefetch_first(failing()))

@@ -22,6 +22,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from rayssl.checkpoint import CHECKPOINT_FILE
+from rayssl.config import from_dict
+from rayssl.method import build_method
+
 log = logging.getLogger("rayssl.export")
 
 SAFETENSORS_FILE = "teacher_backbone.safetensors"
@@ -67,8 +71,6 @@ def log_encoder(method: torch.nn.Module, tracking_uri: Optional[str], run_id: st
 
 
 def load_checkpoint_state(path: str) -> Dict[str, Any]:
-    from rayssl.train import CHECKPOINT_FILE
-
     file = path if path.endswith(".pt") else os.path.join(path, CHECKPOINT_FILE)
     return torch.load(file, map_location="cpu", weights_only=False)
 
@@ -78,9 +80,6 @@ def method_from_checkpoint(path: str, cfg=None) -> Tuple[torch.nn.Module, Dict[s
 
     The method is built from the config stored in the checkpoint, else from ``cfg``.
     """
-    from rayssl.config import from_dict
-    from rayssl.method import build_method
-
     state = load_checkpoint_state(path)
     if state.get("config"):
         cfg = from_dict(state["config"])
@@ -94,7 +93,7 @@ def method_from_checkpoint(path: str, cfg=None) -> Tuple[torch.nn.Module, Dict[s
 def load_encoder(source: str, cfg=None) -> torch.nn.Module:
     """Image encoder (images -> [B, D]) from an MLflow model URI/dir or a Ray checkpoint dir."""
     local = os.path.expanduser(source)
-    if os.path.isdir(local) and os.path.exists(os.path.join(local, "state.pt")) or local.endswith(".pt"):
+    if os.path.isdir(local) and os.path.exists(os.path.join(local, CHECKPOINT_FILE)) or local.endswith(".pt"):
         method, _ = method_from_checkpoint(local, cfg)
         return method.export_encoder()
     import mlflow.pytorch

@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from rayssl import method as method_door
+
 TILE = 96  # px per image tile in the picture
 
 
@@ -49,10 +51,9 @@ def pca_rgb(patch_feats: torch.Tensor, threshold: float = 0.0) -> np.ndarray:
 def _to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     if images.dtype == torch.uint8:
         return images.permute(0, 2, 3, 1).cpu().numpy()
-    from dinov3.augment import IMAGENET_MEAN, IMAGENET_STD  # normalised float: undo
-
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    tf = method_door.transforms()  # normalised float: undo the method's normalisation
+    mean = torch.tensor(tf.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(tf.IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     x = ((images.float() * std + mean) * 255).clamp(0, 255).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from typing import Any, Dict
@@ -20,9 +19,12 @@ import ray
 from ray import tune
 
 from rayssl import tracking
+from rayssl.config import ExperimentConfig, check_sweep, flat_params, from_dict, trial_resources, with_overrides
+from rayssl.data import validate_source
+from rayssl.launch import check_cluster_fits, build_trainer, init_ray
+from rayssl.plan import concurrent_trials, live_capacity
 from rayssl.schedulers import ActiveTrialGate, PromotionASHA
-from rayssl.config import ExperimentConfig, flat_params, from_dict, with_overrides
-from rayssl.trainer import build_trainer, data_spec, init_ray, trial_resources
+from rayssl.summary import log_sweep_summary
 
 log = logging.getLogger("rayssl.sweep")
 
@@ -52,12 +54,9 @@ def search_space(cfg: ExperimentConfig) -> Dict[str, Any]:
 
 
 def max_concurrent_trials(cfg: ExperimentConfig) -> int:
-    if cfg.sweep.max_concurrent_trials > 0:
-        return cfg.sweep.max_concurrent_trials
-    need = trial_resources(cfg)
-    have = ray.cluster_resources()
-    fits = [math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
-    return max(1, min(fits) if fits else 1)
+    """Trials at once: ``sweep.max_concurrent_trials``, else as many as the cluster holds."""
+    cap, _ = live_capacity()
+    return max(1, concurrent_trials(cfg, cap.get("CPU", 0.0), cap.get("GPU", 0.0)))
 
 
 def run_trial(config: Dict[str, Any], base: Dict[str, Any], experiment_id: str, parent_run_id: str,
@@ -93,10 +92,10 @@ def run_trial(config: Dict[str, Any], base: Dict[str, Any], experiment_id: str, 
 
 def run_sweep(cfg: ExperimentConfig) -> Dict[str, Any]:
     """Run the sweep described by ``cfg.sweep``; returns the best trial's config and metrics."""
-    from rayssl.data import validate_source
-    from rayssl.summary import log_sweep_summary
-
-    info = validate_source(data_spec(cfg))  # fails on a bad path before any Ray work
+    check_sweep(cfg)
+    info = validate_source(cfg.data)  # fails on a bad path before any Ray work
+    init_ray(cfg)
+    check_cluster_fits(cfg)  # a trial that can never start fails now, not PENDING forever
     uri = cfg.tracking_uri
     exp_id = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
     sweep_name = cfg.sweep.run_name or f"{cfg.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -114,7 +113,6 @@ def run_sweep(cfg: ExperimentConfig) -> Dict[str, Any]:
         tracking.client(uri).update_run(parent, status="RUNNING")
     log.info("sweep %s: MLflow parent run %s in %s", sweep_name, parent, uri)
 
-    init_ray(cfg)
     concurrent = max_concurrent_trials(cfg)
     log.info("%d trials, at most %d at a time (%s per trial)", cfg.sweep.num_samples, concurrent,
              trial_resources(cfg))

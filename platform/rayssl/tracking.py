@@ -126,6 +126,53 @@ class MetricLogger:
         return [m.step for m in self.client.get_metric_history(self.run_id, key)]
 
 
+class ResumableLogger(MetricLogger):
+    """MetricLogger that, in a resumed run, drops points at steps the run already holds.
+
+    A restarted worker group replays the steps between the last checkpoint and the
+    failure; their metrics were logged by the previous attempt, so only steps past the
+    last logged step of each key are sent (no duplicated step indices).
+    """
+
+    def __init__(self, uri: str, run_id: str, resumed: bool):
+        super().__init__(uri, run_id)
+        self.floor: Dict[str, int] = {}
+        if resumed:
+            run = self.client.get_run(run_id)
+            for key in run.data.metrics:
+                if key.startswith("system/"):
+                    continue
+                steps = [m.step for m in self.client.get_metric_history(run_id, key)]
+                if steps:
+                    self.floor[key] = max(steps)
+
+    def log(self, metrics: Dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self.floor.get(k, -1)}
+        if fresh:
+            super().log(fresh, step)
+
+
+def start_system_metrics(uri: str, run_id: str, interval_s: float, resume: bool = True):
+    """MLflow's system-metrics sampler (CPU, memory, disk, network; GPU with nvidia-ml-py), or None."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
+                                       resume_logging=resume, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as err:  # noqa: BLE001  telemetry must never stop training
+        log.warning("system metrics disabled: %s", err)
+        return None
+
+
+def stop_system_metrics(monitor) -> None:
+    try:
+        monitor.finish()
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not stop system metrics: %s", err)
+
+
 def log_dict_artifact(uri: str, run_id: str, obj: Dict[str, Any], artifact_file: str) -> None:
     """Write ``obj`` as YAML (``.yaml``) or JSON and attach it to the run."""
     if artifact_file.endswith((".yaml", ".yml")):

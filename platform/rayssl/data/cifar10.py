@@ -9,6 +9,7 @@ re-conversion needs no network. Nothing happens when the manifest is already com
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import tarfile
@@ -17,6 +18,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
+from rayssl.data.prepare import JPEG_QUALITY, MANIFEST, encode_jpeg, manifest_ok, write_dataset
 from rayssl.data.spec import DataSourceError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -71,10 +73,6 @@ def _load_batch(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Tuple[np.ndarr
 def convert_tarball(tarball: str, output: str, shard_size: int = 10000, progress: bool = True,
                     seed: int = 0, force: bool = False) -> Dict:
     """CIFAR-10 python tarball -> Parquet dataset (train/test) under output; returns the manifest."""
-    import json
-
-    from rayssl.data.prepare import JPEG_QUALITY, MANIFEST, encode_jpeg, manifest_ok, write_dataset
-
     params = {"source": "cifar10", "tarball_md5": md5sum(tarball), "shard_size": int(shard_size),
               "seed": int(seed), "format": "jpeg", "jpeg_quality": JPEG_QUALITY}
     if not force and manifest_ok(output, params):
@@ -102,22 +100,22 @@ def convert_tarball(tarball: str, output: str, shard_size: int = 10000, progress
     return write_dataset(output, splits, class_names, params, shard_size, progress)
 
 
+def is_prepared(cache_dir: str) -> bool:
+    """Whether ``cache_dir`` already holds the converted CIFAR-10 (its manifest says so)."""
+    man = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), MANIFEST)
+    try:
+        with open(man) as f:
+            return json.load(f).get("params", {}).get("source") == "cifar10"
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_cifar10(cache_dir: str, shard_size: int = 10000, progress: bool = False, force: bool = False,
                    url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> str:
     """Parquet directory of CIFAR-10 under cache_dir, downloading/converting when needed."""
-    import json
-
-    from rayssl.data.prepare import MANIFEST
-
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
-    man = os.path.join(cache_dir, MANIFEST)
-    if not force and os.path.exists(man):
-        try:
-            with open(man) as f:
-                if json.load(f).get("params", {}).get("source") == "cifar10":
-                    return cache_dir
-        except (OSError, ValueError):
-            pass
+    if not force and is_prepared(cache_dir):
+        return cache_dir
     tarball = download(url, os.path.join(cache_dir, TARBALL), md5)
     convert_tarball(tarball, cache_dir, shard_size=shard_size, progress=progress, force=force)
     return cache_dir

@@ -34,6 +34,7 @@ counter lives as long as that trial): :func:`skip_stats` -> ``{"skipped": distin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -44,10 +45,12 @@ import numpy as np
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from rayssl.data.sources import (DataSourceError, cifar10_parquet_dir, decode_image, held_out,
-                                 list_imagefolder, list_parquet, read_bytes, resolve_spec, row_seed,
-                                 stable_hash, validate_source)
-from rayssl.data.spec import DataSpec
+from rayssl import method as method_door
+from rayssl.config import DataConfig, check_data, data_cpu_budget
+from rayssl.data.catalog import parquet_dir, validate_source
+from rayssl.data.sources import (DataSourceError, decode_image, held_out, list_imagefolder, list_parquet,
+                                 open_parquet, read_bytes, resolve_spec, row_seed, stable_hash)
+from rayssl.data.spec import KNN_BANK, KNN_QUERY
 
 log = logging.getLogger("rayssl.data")
 
@@ -64,7 +67,7 @@ def content_key(data: bytes) -> str:
 # Skip counter
 # ---------------------------------------------------------------------------------------
 
-def _source_id(spec: DataSpec) -> str:
+def _source_id(spec: DataConfig) -> str:
     return f"{spec.name}:{spec.path if spec.name != 'synthetic' else spec.synthetic_seed}"
 
 
@@ -149,7 +152,7 @@ class _Reporter:
 # Row tables (driver side)
 # ---------------------------------------------------------------------------------------
 
-def _indexed_table(spec: DataSpec, split: str):
+def _indexed_table(spec: DataConfig, split: str):
     """Arrow table (image|path, label, key) of an indexed source split ('train'|'eval')."""
     if spec.name == "synthetic":
         from rayssl.data.synthetic import synthetic_table
@@ -160,9 +163,8 @@ def _indexed_table(spec: DataSpec, split: str):
     return (lst.train if split == "train" else lst.eval).to_arrow()
 
 
-def _parquet_listing(spec: DataSpec):
-    path = cifar10_parquet_dir(spec) if spec.name == "cifar10" else spec.path
-    return list_parquet(path)
+def _parquet_listing(spec: DataConfig):
+    return list_parquet(parquet_dir(spec))
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -178,19 +180,25 @@ class MultiCropWorker:
 
     Input batches are either index batches (``id``: global row index into the indexed
     table) or Parquet rows (``image``, ``key``, ``epoch``).
+
+    ``spec.augment_on="cpu"``: columns ``global`` uint8 [B,2,3,G,G], ``local`` uint8
+    [B,n,3,L,L] (finished crops), ``epoch``. ``"gpu"``: ``global`` / ``local`` hold the
+    geometric crops only (random-resized-crop + resize), plus ``global_params`` float32
+    [B,2,P] and ``local_params`` float32 [B,n,P] (P = ``dinov3.augment.N_PHOTO_PARAMS``);
+    the trainer finishes them with ``dinov3.augment.apply_photometric_batch`` (same crops
+    as the cpu mode for the same rows, bitwise on CPU tensors).
     """
 
     def __init__(self, spec: Dict[str, Any], seed: int, start_epoch: int = 0, n_rows: int = 0,
                  table_ref=None, counter_name: Optional[str] = None):
         import torch
 
-        from dinov3.augment import MultiCropAugmentation
-
         torch.set_num_threads(1)
-        self.spec = DataSpec.from_any(spec)
+        self.spec = resolve_spec(spec)
+        self.on_gpu = self.spec.augment_on == "gpu"
         self.seed, self.start_epoch, self.n = int(seed), int(start_epoch), int(n_rows)
         s = self.spec
-        self.aug = MultiCropAugmentation(global_size=s.global_size, local_size=s.local_size,
+        self.aug = method_door.transforms().MultiCropAugmentation(global_size=s.global_size, local_size=s.local_size,
                                          n_local=s.n_local, blur=s.blur)
         self.reporter = _Reporter(counter_name or skip_counter_name(s))
         self.keys = self.labels = self.images = self.paths = None
@@ -274,17 +282,23 @@ class MultiCropWorker:
             gen = torch.Generator()
             gen.manual_seed(row_seed(self.seed, int(epochs[i]), keys[i]))
             gens.append(gen)
-        if images:
+        s = self.spec
+        extra = {}
+        if images and self.on_gpu:  # geometric part only; photometric ops as parameters
+            g, loc, gp, lp = self.aug.geometric_batch(images, gens)
+            out_g, out_l = g.numpy(), loc.numpy()
+            extra = {"global_params": gp.numpy(), "local_params": lp.numpy()}
+        elif images:
             g, loc = self.aug.batch(images, gens)
             out_g, out_l = g.numpy(), loc.numpy()
         else:
-            s = self.spec
             out_g = np.empty((0, 2, 3, s.global_size, s.global_size), dtype=np.uint8)
             out_l = np.empty((0, s.n_local, 3, s.local_size, s.local_size), dtype=np.uint8)
-        return {"global": out_g, "local": out_l, "epoch": np.asarray(epochs, dtype=np.int64)}
-
-
-KNN_BANK, KNN_QUERY = 0, 1  # values of the k-NN dataset's ``knn_split`` column
+        if self.on_gpu and not images:
+            n_params = method_door.transforms().N_PHOTO_PARAMS
+            extra = {"global_params": np.empty((0, 2, n_params), dtype=np.float32),
+                     "local_params": np.empty((0, s.n_local, n_params), dtype=np.float32)}
+        return {"global": out_g, "local": out_l, **extra, "epoch": np.asarray(epochs, dtype=np.int64)}
 
 
 class EvalWorker:
@@ -293,10 +307,8 @@ class EvalWorker:
     def __init__(self, size: int, counter_name: str):
         import torch
 
-        from dinov3.augment import EvalTransform
-
         torch.set_num_threads(1)
-        self.tf = EvalTransform(size)
+        self.tf = method_door.transforms().EvalTransform(size)
         self.size = size
         self.reporter = _Reporter(counter_name)
 
@@ -338,24 +350,6 @@ def ray_data_limits(spec) -> "Any":
     return opts
 
 
-def data_cpu_budget(spec) -> float:
-    """Logical CPUs Ray Data may use: ``max_cpus``, else what the actor pool holds
-    (``num_actors * cpus_per_actor``; reads and the k-NN sets request 0 CPUs). A trial
-    reserves the same amount (rayssl.trainer.trial_resources), so the stream can never
-    take the CPUs the Train workers or other trials hold."""
-    spec = resolve_spec(spec)
-    if spec.max_cpus is not None:
-        return float(spec.max_cpus)
-    return float(max(1, int(spec.num_actors)) * float(spec.cpus_per_actor))
-
-
-def train_actor_count(spec) -> int:
-    """Multi-crop actors the train stream runs: ``num_actors``, at most ``max_cpus`` (>= 1)."""
-    spec = resolve_spec(spec)
-    n = int(spec.num_actors)
-    return min(n, max(1, int(spec.max_cpus))) if spec.max_cpus is not None else n
-
-
 def read_concurrency(spec) -> int:
     """Read tasks in flight: ``read_concurrency``, else one per 4 multi-crop actors (>= 1).
 
@@ -366,10 +360,10 @@ def read_concurrency(spec) -> int:
     spec = resolve_spec(spec)
     if spec.read_concurrency is not None:
         return max(1, int(spec.read_concurrency))
-    return max(1, math.ceil(train_actor_count(spec) / 4))
+    return max(1, math.ceil(spec.num_actors / 4))
 
 
-def _configure(ds, spec: DataSpec):
+def _configure(ds, spec: DataConfig):
     opts = ray_data_limits(spec)
     ds.context.execution_options.preserve_order = True
     ds.context.execution_options.resource_limits = opts.resource_limits
@@ -391,12 +385,10 @@ def build_train_dataset(spec, seed: int, epochs: int, start_epoch: int = 0, run_
     _get_or_create_counter(counter)  # owned by this process: lives as long as the job/trial
     n_epochs = int(epochs) - int(start_epoch)
     bs = int(spec.map_batch_size)
-    actor_kwargs = dict(spec=spec.to_dict(), seed=int(seed), start_epoch=int(start_epoch), counter_name=counter)
-    n_actors = train_actor_count(spec)
-    if n_actors < int(spec.num_actors):
-        log.warning("data.num_actors=%d exceeds data.max_cpus=%s: using %d actors", spec.num_actors, spec.max_cpus,
-                    n_actors)
-    compute = ray.data.ActorPoolStrategy(min_size=n_actors, max_size=n_actors)
+    check_data(spec)  # the data config's own checks (a bad value fails here, not in the actors)
+    actor_kwargs = dict(spec=dataclasses.asdict(spec), seed=int(seed), start_epoch=int(start_epoch),
+                        counter_name=counter)
+    compute = ray.data.ActorPoolStrategy(min_size=spec.num_actors, max_size=spec.num_actors)
 
     if spec.name in ("synthetic", "imagefolder"):
         table = _indexed_table(spec, "train")
@@ -494,9 +486,7 @@ def _read_unit(path: str, epoch: Optional[int], columns: List[str], hash_split: 
                add_label: bool, shuffle_seed: Optional[int] = None, constants: Optional[Dict[str, int]] = None):
     import pyarrow as pa
 
-    from rayssl.data.sources import _open_parquet
-
-    pf = _open_parquet(path)
+    pf = open_parquet(path)
     if shuffle_seed is not None and epoch is not None:
         # The whole shard in this read task (one shard's bytes), rows permuted per epoch.
         whole = pf.read(columns=columns)

@@ -242,18 +242,4 @@ def convert_imagefolder(source: str, output: str, resize: Optional[int] = None, 
     return write_dataset(output, splits, lst.class_names, params, shard_size, progress)
 
 
-def main_convert(source: str, output: str, resize: Optional[int] = None, shard_size: int = 5000,
-                 progress: bool = True, force: bool = False) -> Dict:
-    """Entry used by experiments/prepare_data.py: ``source`` is a directory/URI or 'cifar10'."""
-    if source == "cifar10":
-        from rayssl.data.cifar10 import ensure_cifar10
-
-        ensure_cifar10(output, shard_size=shard_size, progress=progress, force=force)
-        with open(os.path.join(output, MANIFEST)) as f:
-            return json.load(f)
-    if not source:
-        raise DataSourceError("source is required (an ImageFolder directory/URI or 'cifar10')")
-    return convert_imagefolder(source, output, resize=resize, shard_size=shard_size, progress=progress, force=force)
-
-
-__all__ = ["convert_imagefolder", "write_dataset", "write_shards", "manifest_ok", "main_convert", "read_bytes"]
+__all__ = ["convert_imagefolder", "write_dataset", "write_shards", "manifest_ok", "read_bytes"]

@@ -9,11 +9,13 @@ Every source yields rows ``{"image": encoded bytes, "label": int64, "key": str}`
 * ``parquet``: shards with an ``image`` (bytes) column, optional ``label`` and ``key``
   (``<path>/{train,val|test}/*.parquet`` or a flat directory, held out by key hash).
 * ``cifar10``: the official python tarball, downloaded once (md5-checked) into
-  ``path`` and converted to Parquet shards there, then read as ``parquet``.
+  ``path`` and converted to Parquet shards there (:mod:`rayssl.data.cifar10`), then read
+  as ``parquet``; :mod:`rayssl.data.catalog` dispatches over all four.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -28,7 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from rayssl.data.spec import SOURCE_NAMES, DataSourceError, DataSpec, SourceInfo
+from rayssl.config import DataConfig
+from rayssl.data.spec import DataSourceError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 EVAL_SPLIT_NAMES = ("val", "test", "validation")
@@ -387,7 +390,7 @@ def _parquet_files(root: str) -> List[str]:
     return [_join(root, f) for f in files if f.endswith(".parquet")]
 
 
-def _open_parquet(path: str):
+def open_parquet(path: str):
     import pyarrow.parquet as pq
 
     if _is_uri(path):
@@ -397,7 +400,7 @@ def _open_parquet(path: str):
 
 
 def _count_rows(files: Sequence[str]) -> int:
-    return sum(_open_parquet(f).metadata.num_rows for f in files)
+    return sum(open_parquet(f).metadata.num_rows for f in files)
 
 
 def held_out(key: str) -> bool:
@@ -424,7 +427,7 @@ def list_parquet(path: str) -> ParquetListing:
     if not train_files:
         raise DataSourceError(f"data.path={path}: no .parquet shards found (expected {path}/train/*.parquet "
                               f"or {path}/*.parquet; write them with experiments/prepare_data.py)")
-    schema = _open_parquet(train_files[0]).schema_arrow
+    schema = open_parquet(train_files[0]).schema_arrow
     if "image" not in schema.names:
         raise DataSourceError(f"data.path={path}: {train_files[0]} has no 'image' column (columns: {schema.names})")
     has_label, has_key = "label" in schema.names, "key" in schema.names
@@ -439,7 +442,7 @@ def list_parquet(path: str) -> ParquetListing:
         n_eval = 0
         n_all = 0
         for f in train_files:
-            pf = _open_parquet(f)
+            pf = open_parquet(f)
             col = pf.read(columns=["key"] if has_key else ["image"]).column(0).to_pylist()
             n_all += len(col)
             n_eval += sum(held_out(k if has_key else "blake2b:" + hashlib.blake2b(k, digest_size=8).hexdigest()) for k in col)
@@ -454,7 +457,7 @@ def list_parquet(path: str) -> ParquetListing:
     if not class_names and has_label:
         labels = set()
         for f in train_files[:4]:
-            labels.update(_open_parquet(f).read(columns=["label"]).column(0).to_pylist())
+            labels.update(open_parquet(f).read(columns=["label"]).column(0).to_pylist())
         class_names = tuple(str(i) for i in range(int(max(labels)) + 1)) if labels else ()
     return ParquetListing(path, class_names, tuple(train_files), tuple(eval_files), n_train, n_eval,
                           has_label, has_key, hash_split, eval_dir)
@@ -464,53 +467,20 @@ def list_parquet(path: str) -> ParquetListing:
 # validate_source
 # ---------------------------------------------------------------------------------------
 
-def resolve_spec(spec) -> DataSpec:
-    """DataSpec from anything DataSpec.from_any takes; cifar10 is resolved to its parquet dir."""
-    return DataSpec.from_any(spec)
-
-
-def cifar10_parquet_dir(spec: DataSpec) -> str:
-    """Download + convert CIFAR-10 if needed, return the Parquet directory."""
-    from rayssl.data.cifar10 import ensure_cifar10
-
-    if not spec.path:
-        raise DataSourceError("data.path (the CIFAR-10 cache directory) is required for data=cifar10")
-    return ensure_cifar10(spec.path)
-
-
-def validate_source(spec) -> SourceInfo:
-    """Check the source exists and is non-empty (driver side, before any Ray work).
-
-    Returns SourceInfo(n_train, n_eval, class_names). Raises DataSourceError naming the
-    path. For cifar10 this downloads (md5-checked) and converts on first use.
-    """
-    spec = resolve_spec(spec)
-    if spec.name not in SOURCE_NAMES:
-        raise DataSourceError(f"data.name={spec.name!r}: must be one of {', '.join(SOURCE_NAMES)}")
-    if spec.name == "synthetic":
-        from rayssl.data.synthetic import CLASS_NAMES
-
-        if spec.synthetic_n_train < 1:
-            raise DataSourceError(f"data.synthetic_n_train={spec.synthetic_n_train}: must be >= 1")
-        if spec.synthetic_n_eval < 1:
-            raise DataSourceError(f"data.synthetic_n_eval={spec.synthetic_n_eval}: must be >= 1 (the k-NN "
-                                  f"evaluation needs held-out images)")
-        return SourceInfo(int(spec.synthetic_n_train), int(spec.synthetic_n_eval), list(CLASS_NAMES))
-    if spec.name == "imagefolder":
-        lst = list_imagefolder(spec.path)
-        _check_imagefolder_splits(lst)
-        return SourceInfo(len(lst.train), len(lst.eval), list(lst.class_names))
-    path = cifar10_parquet_dir(spec) if spec.name == "cifar10" else spec.path
-    lst = list_parquet(path)
-    _check_parquet_splits(lst)
-    return SourceInfo(lst.n_train, lst.n_eval, list(lst.class_names))
+def resolve_spec(spec) -> DataConfig:
+    """The data config from a :class:`DataConfig` or the plain dict a Ray actor receives."""
+    if isinstance(spec, DataConfig):
+        return spec
+    if dataclasses.is_dataclass(spec):
+        spec = dataclasses.asdict(spec)
+    return DataConfig(**spec)
 
 
 _HASH_SPLIT_HOW = (f"with no val/, test/ or validation/ folder beside train/, 1 in {HELD_OUT_MOD} train "
                    f"images is held out by a hash of its key instead")
 
 
-def _check_imagefolder_splits(lst: ImageFolderListing) -> None:
+def check_imagefolder_splits(lst: ImageFolderListing) -> None:
     """Both splits non-empty: the k-NN evaluation (after Ray started) needs held-out images."""
     path = lst.root
     if lst.eval_dir is not None and not len(lst.eval):
@@ -533,7 +503,7 @@ def _check_imagefolder_splits(lst: ImageFolderListing) -> None:
                               f"({_join(path, 'train')}/ and {_join(path, 'val')}/)")
 
 
-def _check_parquet_splits(lst: ParquetListing) -> None:
+def check_parquet_splits(lst: ParquetListing) -> None:
     path = lst.root
     if lst.eval_dir is not None and not lst.eval_files:
         raise DataSourceError(
