@@ -1,54 +1,51 @@
 #!/usr/bin/env bash
-# Every GPU check in one go (a lent GPU is scarce): the CUDA tests of the method, then
-# the step benchmark at ViT-S/16, 224/96 crops (2 global + 8 local), batch 64,
-# 65536/8192 prototypes, bf16 autocast, for this repo and, when SEED_SITE points at an
-# importable stable-pretraining (see ../shared/baselines), the original module side by
-# side on the same GPU. Results: one JSON line each, also written under OUT (default ./gpu_out).
+# The whole GPU check in one command, at most BUDGET seconds (default 540, the install included)
+# on one GPU machine without network: installs the platform from the wheelhouse when ray,
+# mlflow or hydra is missing, then runs experiments/gpu_check.py (the logic; its docstring says
+# more): the method's CUDA tests, (a) the step benchmark (ViT-S/16 and ViT-B/16, 224/96 px,
+# 2 + 8 crops, bf16, eager and compiled, split and one backward, the original module side by
+# side when SEED_BENCH and SEED_SITE are set), (b) a real train.py run of the ViT-B/16 recipe
+# on generated JPEGs through Ray Train + Ray Data into MLflow, (c) a 2-trial sweep sharing the
+# GPU. One table on stdout; OUT (default ./gpu_out) gets gpu_check.json, gpu_check.txt,
+# gpu_check.log and bench_gpu.log. Exit 0 only when a GPU was found and every section passed
+# (1: a section failed; 3: no GPU found; 124: the hard limit).
 #
-#   bash experiments/bench_gpu.sh
-#   SEED_SITE=/path/to/site SEED_BENCH=/path/to/seed_step_bench.py bash experiments/bench_gpu.sh
+#   bash experiments/bench_gpu.sh                                # OUT, WHEELHOUSE, BUDGET, PYTHON
+#   SEED_BENCH=.seed/seed_step_bench.py SEED_SITE=/tmp/seed_site bash experiments/bench_gpu.sh
+#   bash experiments/bench_gpu.sh --sections c                   # gpu_check.py's options pass through
+#
+# The wheelhouse (built where an index is reachable; ~60 MiB, carried to the machine):
+#   python platform/cluster/wheelhouse.py --out .wheelhouse --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 --base-packages platform/cluster/base-images/nvidia-cuda-py312.txt
 set -uo pipefail
+START=$(date +%s)
+cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}
-mkdir -p "$OUT"
+BUDGET=${BUDGET:-540}
+WHEELHOUSE=${WHEELHOUSE:-.wheelhouse}
 PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD:$PWD/platform${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-STEPS=${STEPS:-20}
-VITS=(--device cuda --encoder vit_small_patch16_224 --img-size 224 --local-size 96 --patch-size 16
-      --batch 64 --n-local 8 --n-cls-prototypes 65536 --n-patch-prototypes 8192 --hidden 2048
-      --bottleneck 256 --registers 4 --warmup 5 --steps "$STEPS")
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
+main() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "no nvidia-smi"
+  if ! $PY -c "import ray, mlflow, hydra" 2>/dev/null; then
+    if [[ -d "$WHEELHOUSE" ]]; then
+      echo "== installing the platform offline from $WHEELHOUSE"
+      timeout 240 $PY -m pip install -q --no-index --find-links "$WHEELHOUSE" --no-compile -e . \
+        || echo "pip install from $WHEELHOUSE failed: the check says what is missing"
+    else
+      echo "ray/mlflow/hydra missing and no wheelhouse at $WHEELHOUSE: (b) and (c) will fail"
+    fi
+  fi
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  (( left < 90 )) && left=90
+  echo "== set-up took $(( $(date +%s) - START )) s; gpu_check.py gets $(( left - 15 )) s"
+  timeout -k 10 "$left" $PY experiments/gpu_check.py --out "$OUT" --budget $(( left - 15 )) "$@"
+  local rc=$?
+  echo "== bench_gpu.sh: exit $rc after $(( $(date +%s) - START )) s"
+  return $rc
+}
 
-echo "== CUDA tests of the method"
-timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_method_cuda.py 2>&1 | tail -n 15
-
-echo "== this repo, ViT-S/16 bf16"
-timeout 300 $PY experiments/bench_step.py "${VITS[@]}" --precision bf16 --json "$OUT/ours_vits_bf16.json" \
-    --profile "$OUT/ours_vits_bf16_profile.txt"
-if [[ -n "${SEED_SITE:-}" ]]; then
-  echo "== original module (stable-pretraining DINOv3), ViT-S/16 bf16 autocast"
-  # The baseline script has no precision flag: run it under the same bf16 autocast.
-  PYTHONPATH="$SEED_SITE:$PYTHONPATH" HF_HUB_OFFLINE=1 timeout 300 $PY - "${VITS[@]}" --json "$OUT/seed_vits_bf16.json" <<EOF
-import json, runpy, sys, torch
-sys.argv = ["seed_step_bench.py", *sys.argv[1:]]
-torch.backends.cuda.matmul.allow_tf32 = True
-with torch.autocast("cuda", dtype=torch.bfloat16):
-    runpy.run_path("${SEED_BENCH:-seed_step_bench.py}", run_name="__main__")
-print(json.dumps({"seed_peak_cuda_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}))
-EOF
-fi
-
-if [[ -z "${SKIP_RECIPE:-}" ]]; then
-  echo "== this repo, ViT-S/16 bf16, recipe schedules + drop-path 0.1 + uint8 input"
-  timeout 300 $PY experiments/bench_step.py "${VITS[@]}" --precision bf16 --schedules --drop-path 0.1 --uint8 \
-      --json "$OUT/ours_vits_bf16_recipe.json"
-fi
-
-if [[ -z "${SKIP_COMPILE:-}" ]]; then
-  for what in backbone model; do
-    echo "== this repo, ViT-S/16 bf16, torch.compile of the $what"
-    timeout ${COMPILE_TIMEOUT:-300} $PY experiments/bench_step.py "${VITS[@]}" --precision bf16 --compile $what \
-        --json "$OUT/ours_vits_bf16_compile_$what.json" 2>&1 | grep -v "^W1\|Warning\|check(\|warn_once"
-  done
-fi
+main "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+exit "${PIPESTATUS[0]}"

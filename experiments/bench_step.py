@@ -2,9 +2,10 @@
 """Time one DINOv3 training step of this repo's method (the counterpart of
 ``shared/baselines/seed_step_bench.py``, same workload and flags).
 
-One step = apply_schedules + forward + backward + clip_gradients + AdamW step + EMA
-teacher update, on random data. Default workload (CPU): timm ``vit_tiny_patch16_224``
-rebuilt with img_size 32 / patch_size 4, 4 registers, batch 32, 2 global crops 32x32 +
+One step = apply_schedules + the method's ``forward_backward`` (what rayssl/loop.py calls: one
+backward for the global crops and one for the locals, or with --no-split-backward one for all)
++ clip_gradients + AdamW step + EMA teacher update, on random data. Default workload (CPU): timm
+``vit_tiny_patch16_224`` rebuilt with img_size 32 / patch_size 4, 4 registers, batch 32, 2 global crops 32x32 +
 6 local crops 16x16, 4096 CLS / 1024 patch prototypes, head hidden 512, bottleneck 256.
 Drop path 0 like the baseline's encoder. The defaults run the recipe (block masking of half
 the global crops, LayerScale, per-module clipping); the baseline's own choices (every global
@@ -13,9 +14,12 @@ crop masked at random at ratio 0.3, no LayerScale, no clipping) are flags:
     PYTHONPATH=.:platform python experiments/bench_step.py
     PYTHONPATH=.:platform python experiments/bench_step.py --mask-strategy random --no-layerscale --no-clip
     PYTHONPATH=.:platform python experiments/bench_step.py --device cuda            # bf16 autocast
+    PYTHONPATH=.:platform python experiments/bench_step.py --device cuda --compile backbone
 
-Prints one JSON line (median s/step, peak RSS, losses; on CUDA also images/s, peak CUDA
-memory and an MFU estimate from torch's FLOP counter).
+Prints one JSON line (median s/step, the warm-up's seconds (compilation included), peak RSS,
+losses; on CUDA also images/s, peak CUDA memory and an MFU estimate: the FLOPs of one eager
+step counted by torch.utils.flop_counter.FlopCounterMode over the median step time and the
+device's dense bf16 peak, 989 TFLOP/s on an H100/H200). experiments/gpu_check.py runs it.
 """
 
 import argparse
@@ -50,6 +54,9 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--local-size", type=int, default=16)
     p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--embed-dim", type=int, default=None, help="override the backbone's width (micro models)")
+    p.add_argument("--depth", type=int, default=None, help="override the backbone's depth (micro models)")
+    p.add_argument("--num-heads", type=int, default=None, help="override the backbone's heads (micro models)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--n-global", type=int, default=2, help="must be 2 (DINOv3 uses two global crops)")
     p.add_argument("--n-local", type=int, default=6)
@@ -96,6 +103,7 @@ def main() -> None:
     dev = torch.device(args.device)
     cfg = DINOv3Config(
         backbone=args.encoder, img_size=args.img_size, patch_size=args.patch_size,
+        embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
         n_register_tokens=args.registers, drop_path_rate=args.drop_path,
         layerscale_init=None if args.no_layerscale else 1e-5,
         head_hidden_dim=args.hidden, head_bottleneck_dim=args.bottleneck,
@@ -138,38 +146,39 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    forward = torch.compile(model) if args.compile == "model" else model
+    # FLOPs of one step, counted on the eager model before any compilation (the FLOP counter
+    # does not see inside compiled graphs); its memory is not part of the reported peak.
+    flops = count_flops(model, batch, autocast)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    runner = torch.compile(model) if args.compile == "model" else None
     if args.compile == "backbone":
         model.compile()
+
     def forward_backward(gl, lo):
-        """Forward and backward of one step, part by part as rayssl/train.py runs them.
-        Returns (the last part's output, forward seconds, backward seconds)."""
-        t_fwd = t_bwd = 0.0
-        loss = 0.0
-        for part in model.backward_parts(0 if lo is None else lo.shape[1]):
-            t0 = time.perf_counter()
-            with autocast():
-                o = forward(gl, lo, part=part)
-            sync()
-            t1 = time.perf_counter()
-            o.loss.backward()
-            sync()
-            t_fwd, t_bwd = t_fwd + t1 - t0, t_bwd + time.perf_counter() - t1
-            loss = loss + o.loss.detach()
-        o.loss = loss  # the step's whole loss (the parts add up to it), for the report
-        return o, t_fwd, t_bwd
+        """The method's forward + backward of one step (rayssl/loop.py's call): one backward per
+        crop group (--no-split-backward: one for all). Returns (output, seconds)."""
+        t0 = time.perf_counter()
+        o = model.forward_backward(gl, lo, runner=runner, autocast=autocast)
+        sync()
+        return o, time.perf_counter() - t0
 
     times, cpu_times, losses = [], [], []
-    phase = {"fwd": [], "bwd": [], "opt": [], "ema": []}
+    phase = {"fwd_bwd": [], "opt": [], "ema": []}
     out = None
+    t_warmup = time.perf_counter()
+    warmup_s = 0.0
     for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            warmup_s = time.perf_counter() - t_warmup
         gl, lo = batch()
         sync()
         t = time.perf_counter()
         c = time.process_time()
         hp = model.apply_schedules(opt, step) if args.schedules else {"momentum": 0.996}
-        out, t_fwd, t_bwd = forward_backward(gl, lo)
-        t1 = t + t_fwd
+        out, _ = forward_backward(gl, lo)
         t2 = time.perf_counter()
         if not args.no_clip:
             model.clip_gradients()
@@ -184,9 +193,9 @@ def main() -> None:
         if step >= args.warmup:
             times.append(t4 - t)
             cpu_times.append(time.process_time() - c)
-            for k, v in zip(phase, (t1 - t, t2 - t1, t3 - t2, t4 - t3)):
+            for k, v in zip(phase, (t2 - t, t3 - t2, t4 - t3)):
                 phase[k].append(v)
-        losses.append({"loss": float(out.loss.detach()), "cls": float(out.loss_cls),
+        losses.append({"loss": float(out.loss), "cls": float(out.loss_cls),
                        "patch": float(out.loss_patch), "koleo": float(out.loss_koleo)})
 
     if args.profile:
@@ -229,8 +238,8 @@ def main() -> None:
         "precision": "bf16-autocast" if use_bf16 else "fp32",
         "compile": args.compile,
         "config": {k: getattr(args, k) for k in (
-            "encoder", "img_size", "local_size", "patch_size", "batch", "n_global", "n_local",
-            "n_cls_prototypes", "n_patch_prototypes", "hidden", "bottleneck", "registers")},
+            "encoder", "img_size", "local_size", "patch_size", "embed_dim", "depth", "num_heads", "batch", "n_global",
+            "n_local", "n_cls_prototypes", "n_patch_prototypes", "hidden", "bottleneck", "registers")},
         "params_trainable": n_train,
         "params_total_incl_teacher": n_all,
         "import_s": round(import_s, 2),
@@ -240,6 +249,8 @@ def main() -> None:
         "max_s_per_step": round(max(times), 4),
         "median_cpu_s_per_step": round(statistics.median(cpu_times), 4),
         "median_phase_s": {k: round(statistics.median(v), 4) for k, v in phase.items()},
+        "warmup_steps": args.warmup,
+        "warmup_s": round(warmup_s, 2),
         "loadavg_1m_at_end": os.getloadavg()[0],
         "rss_after_import_mib": round(rss_after_import, 1),
         "rss_after_build_mib": round(rss_after_build, 1),
@@ -253,7 +264,7 @@ def main() -> None:
         res["images_per_s"] = round(args.batch / med, 1)
         res["peak_cuda_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         res["gpu"] = torch.cuda.get_device_name()
-    res.update(mfu_estimate(model, batch, autocast, med, res.get("gpu", "")))
+    res.update(mfu_estimate(flops, med, res.get("gpu", "")))
     s = json.dumps(res)
     print(s)
     if args.json:
@@ -261,22 +272,27 @@ def main() -> None:
             f.write(s + "\n")
 
 
-def mfu_estimate(model, batch, autocast, s_per_step: float, gpu_name: str) -> dict:
-    """FLOPs of one forward+backward (torch FLOP counter) / step time / bf16 peak."""
+def count_flops(model, batch, autocast) -> int:
+    """FLOPs of one step's forward + backward: torch.utils.flop_counter.FlopCounterMode (matrix
+    products, convolutions, attention) around one eager ``forward_backward``; the gradients it
+    leaves are dropped."""
     from torch.utils.flop_counter import FlopCounterMode
 
     gl, lo = batch()
     counter = FlopCounterMode(display=False)
     with counter:
-        for part in model.backward_parts(0 if lo is None else lo.shape[1]):
-            with autocast():
-                out = model(gl, lo, part=part)
-            out.loss.backward()
+        model.forward_backward(gl, lo, autocast=autocast)
     model.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
+    return int(counter.get_total_flops())
+
+
+def mfu_estimate(flops: int, s_per_step: float, gpu_name: str) -> dict:
+    """The step's FLOPs (:func:`count_flops`) / step time / the device's dense bf16 peak."""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu_name), None)
-    out = {"flops_per_step": flops, "achieved_tflops": round(flops / s_per_step / 1e12, 2)}
+    out = {"flops_per_step": flops, "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode, one eager step",
+           "achieved_tflops": round(flops / s_per_step / 1e12, 2)}
     if peak:
+        out["peak_bf16_tflops"] = peak / 1e12
         out["mfu"] = round(flops / s_per_step / peak, 4)
     return out
 
