@@ -281,13 +281,16 @@ class DINOv3(nn.Module):
 
     def forward_backward(self, global_crops: torch.Tensor, local_crops: Optional[torch.Tensor] = None, *,
                          runner: Optional[nn.Module] = None,
-                         autocast: Optional[Callable[[], ContextManager]] = None) -> DINOv3Output:
+                         autocast: Optional[Callable[[], ContextManager]] = None,
+                         loss_scale: float = 1.0, sync: bool = True) -> DINOv3Output:
         """One training step's forward and backward pass(es); returns the step's detached terms.
 
         ``runner``: the module to call for the forwards (``DDP(self)`` under DDP, whose hooks
         all-reduce the gradients on the step's last backward; earlier ones run under
         ``no_sync()``); ``autocast``: a context factory around the forwards (bf16), or None.
-        See :meth:`backward_parts` for the split into one backward per crop group.
+        ``loss_scale`` multiplies the loss before its backward and ``sync=False`` keeps every
+        backward local: for a micro-batch of an accumulated step (gradients add up; the last
+        micro-batch syncs). See :meth:`backward_parts` for the split into one backward per crop group.
         """
         run = self if runner is None else runner
         amp = autocast or contextlib.nullcontext
@@ -295,11 +298,12 @@ class DINOv3(nn.Module):
         parts = self.backward_parts(n_local)
         loss = None
         for i, part in enumerate(parts):
-            sync = run.no_sync() if i < len(parts) - 1 and hasattr(run, "no_sync") else contextlib.nullcontext()
-            with sync:
+            local_only = not sync or i < len(parts) - 1
+            no_sync = run.no_sync() if local_only and hasattr(run, "no_sync") else contextlib.nullcontext()
+            with no_sync:
                 with amp():
                     out = run(global_crops, local_crops if n_local else None, part=part)
-                out.loss.backward()
+                (out.loss * loss_scale if loss_scale != 1.0 else out.loss).backward()
             loss = out.loss.detach() if loss is None else loss + out.loss.detach()
         return dataclasses.replace(out, loss=loss)
 

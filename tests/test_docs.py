@@ -148,3 +148,19 @@ def test_cifar10_recipe_gives_a_useful_patch_grid():
     assert cfg.data.name == "cifar10" and cfg.patch_size == 4
     assert (cfg.data.global_size // 4, cfg.data.local_size // 4) == (8, 4)
     assert cfg.data.n_local == 6 and cfg.train.num_workers == 1 and cfg.train.use_gpu
+
+
+def test_plan_warns_when_a_worker_share_does_not_fit_its_gpu_and_names_the_fix():
+    from rayssl.plan import Cluster, make_plan
+
+    h100s = Cluster("8 H100", cpus=256, gpus=8, accelerator="H100", live=True)
+    eight = compose(["experiment=imagenet_vitl16", "data.path=/x", "train.num_workers=8"])
+    warned = make_plan(eight, "train", h100s)
+    assert warned.numbers["gpu_memory_gib"] > 80
+    assert any("more than an H100's 80 GiB: train.accumulate=2" in w for w in warned.warnings), warned.warnings
+    fits = make_plan(compose(["experiment=imagenet_vitl16", "data.path=/x", "train.num_workers=8",
+                              "train.accumulate=2"]), "train", h100s)
+    assert fits.numbers["gpu_memory_gib"] < 72 and not any("GiB of GPU memory" in w for w in fits.warnings)
+    # the same schedule either way
+    assert fits.numbers["total_steps"] == warned.numbers["total_steps"] == 125_000
+    assert fits.numbers["peak_lr"] == warned.numbers["peak_lr"]

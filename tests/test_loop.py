@@ -179,3 +179,29 @@ def test_photometric_ops_on_the_trainer_device_train_the_same_model(tmp_path):
     on_trainer, _, _ = _fit(tmp_path / "gpu", ["train.epochs=1", "data.augment_on=gpu"], stream=Stream(augment_on="gpu"))
     a, b = on_actors.method.state_dict(), on_trainer.method.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_accumulated_micro_batches_average_their_gradients(tmp_path):
+    """train.accumulate=2: a step's gradient is the mean of its two half-batches' own gradients and
+    its logged terms their mean: the same global batch in half the activation memory."""
+    import copy
+
+    from rayssl.loop import Trainer, Worker
+
+    worker = Worker(batches=lambda: Stream(), report=lambda m, c: None, n_train=N_TRAIN, run_dir=str(tmp_path))
+    trainer = Trainer(compose(MICRO + ["train.accumulate=2"]), worker)
+    twin = copy.deepcopy(trainer.method)
+    batch = next(iter(Stream()))
+    g, loc = batch["global"], batch["local"]
+    terms = trainer.forward_backward(g, loc)
+
+    half = BATCH // 2
+    grads, losses = [], []
+    for sl in (slice(0, half), slice(half, BATCH)):
+        twin.zero_grad(set_to_none=True)
+        losses.append(float(twin.forward_backward(g[sl], loc[sl]).loss))
+        grads.append({n: p.grad.clone() for n, p in twin.named_parameters() if p.grad is not None})
+    for name, p in trainer.method.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(p.grad, (grads[0][name] + grads[1][name]) / 2, atol=1e-6, rtol=1e-4), name
+    assert float(terms["loss"]) == pytest.approx(sum(losses) / 2, rel=1e-6)

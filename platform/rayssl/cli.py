@@ -14,6 +14,7 @@ import sys
 from typing import Callable, Dict, Sequence
 
 from rayssl.config import CONF_DIR, ConfigError, ExperimentConfig, check_sweep, compose
+from rayssl.data.spec import DataSourceError
 
 USAGE = """usage: python experiments/{command}.py [experiment=RECIPE] [group=OPTION ...] [group.key=VALUE ...]
 
@@ -42,8 +43,6 @@ def main(command: str, argv: Sequence[str], runners: Dict[str, Callable[[Experim
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from rayssl.data import DataSourceError
-
     try:
         if cfg.plan:
             from rayssl.plan import make_plan

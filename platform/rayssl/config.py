@@ -76,6 +76,9 @@ class TrainConfig:
     epochs: int = 100
     global_batch_size: int = 1024  # images per optimizer step over all workers: the recipe's unit
     num_workers: int = 1  # DDP workers (Ray Train); 0 runs the loop in the driver process
+    # Micro-batches per step on each worker: the same global batch, lr and schedule in less memory
+    # (Sinkhorn centring and KoLeo then see micro-batches; the plan estimates memory per GPU).
+    accumulate: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -98,6 +101,11 @@ class TrainConfig:
     def worker_batch_size(self) -> int:
         """Images per worker and step: the global batch over the workers (0 workers: one)."""
         return self.global_batch_size // max(self.num_workers, 1)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Images per forward pass: the worker's batch over ``accumulate``."""
+        return self.worker_batch_size // self.accumulate
 
 
 @dataclass
@@ -285,6 +293,10 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.worker_batch_size >= 2, "train.global_batch_size",
            f"gives {t.worker_batch_size} images per worker over train.num_workers={t.num_workers}; "
            "at least 2 (KoLeo needs a neighbour)", t.global_batch_size)
+    _check(t.accumulate >= 1 and t.worker_batch_size % t.accumulate == 0, "train.accumulate",
+           f"must be >= 1 and divide the {t.worker_batch_size} images per worker", t.accumulate)
+    _check(t.micro_batch_size >= 2, "train.accumulate",
+           f"leaves {t.micro_batch_size} images per micro-batch; at least 2 (KoLeo needs a neighbour)", t.accumulate)
     _check(t.cpus_per_worker >= 0, "train.cpus_per_worker", "must be >= 0", t.cpus_per_worker)
     _check(not t.use_gpu or t.gpus_per_worker > 0, "train.gpus_per_worker", "must be > 0 with train.use_gpu",
            t.gpus_per_worker)
@@ -318,7 +330,7 @@ def _validate_geometry(cfg: ExperimentConfig) -> None:
     m = cfg.method
     if m.ibot_weight > 0:
         n_patches = g * g
-        crops = 2 * cfg.train.worker_batch_size
+        crops = 2 * cfg.train.micro_batch_size
         if m.mask_strategy == "random":
             most = int(round(n_patches * m.mask_ratio))
         else:

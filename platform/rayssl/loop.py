@@ -114,9 +114,7 @@ class Trainer:
         self.telemetry.restart()
         for batch in self.batches(stream):
             hparams = self.method.apply_schedules(self.optimizer, self.step)
-            global_crops, local_crops = self.crops(batch)
-            out = self.method.forward_backward(global_crops, local_crops, runner=self.model, autocast=self.autocast)
-            values = check_finite(method_door.loss_terms(out), self.step)  # also the step's one host sync
+            values = check_finite(self.forward_backward(*self.crops(batch)), self.step)  # also the step's host sync
             grad_norms = self.optimizer_step(hparams["momentum"])
             self.step += 1
             self.telemetry.add({**values, **hparams, **grad_norms})
@@ -139,6 +137,23 @@ class Trainer:
         if "global_params" in batch:
             g, loc = self.photometric(g, loc, batch["global_params"], batch["local_params"])
         return g, (loc if loc.shape[1] > 0 else None)
+
+    def forward_backward(self, global_crops: torch.Tensor, local_crops: Optional[torch.Tensor]
+                         ) -> Dict[str, torch.Tensor]:
+        """The method's forward and backward over the worker's batch, in ``train.accumulate``
+        micro-batches (each loss scaled by 1/k, DDP's all-reduce on the last); the loss terms
+        averaged over them."""
+        k = self.cfg.train.accumulate
+        if k == 1:
+            out = self.method.forward_backward(global_crops, local_crops, runner=self.model, autocast=self.autocast)
+            return method_door.loss_terms(out)
+        terms = []
+        for i, (g, loc) in enumerate(zip(global_crops.chunk(k), local_crops.chunk(k) if local_crops is not None
+                                         else [None] * k)):
+            out = self.method.forward_backward(g, loc, runner=self.model, autocast=self.autocast, loss_scale=1.0 / k,
+                                               sync=i == k - 1)
+            terms.append(method_door.loss_terms(out))
+        return {name: torch.stack([t[name].float() for t in terms]).mean() for name in terms[0]}
 
     def optimizer_step(self, momentum: float) -> Dict[str, float]:
         """Clip, AdamW step, EMA teacher update; returns the gradient norms before clipping."""

@@ -61,12 +61,15 @@ class SSLMethod(Protocol):
     ``forward_backward`` runs one step's forward and backward pass(es) and returns an object
     with detached ``loss`` and ``loss_*`` scalars and ``metrics: dict[str, Tensor]``;
     ``runner`` is the module to call for forwards (the DDP-wrapped method under DDP, so its
-    hooks all-reduce the gradients) and ``autocast`` a context factory for the forwards.
+    hooks all-reduce the gradients) and ``autocast`` a context factory for the forwards;
+    ``loss_scale`` and ``sync=False`` serve gradient accumulation (scale each micro-batch's loss,
+    all-reduce on the last one only).
     """
 
     def forward_backward(self, global_crops: "torch.Tensor", local_crops: Optional["torch.Tensor"], *,
                          runner: Optional["torch.nn.Module"] = None,
-                         autocast: Optional[Callable[[], ContextManager]] = None) -> Any: ...
+                         autocast: Optional[Callable[[], ContextManager]] = None,
+                         loss_scale: float = 1.0, sync: bool = True) -> Any: ...
 
     def configure(self, total_steps: int, steps_per_epoch: int, global_batch_size: int) -> None: ...
 

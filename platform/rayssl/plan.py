@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Tuple
 
 from rayssl import method as method_door
 from rayssl.config import ConfigError, ExperimentConfig, data_cpu_budget, steps_per_epoch, trial_resources
+from rayssl.data.catalog import validate_source
+from rayssl.data.spec import DataSourceError
 
 log = logging.getLogger("rayssl.plan")
 
@@ -45,6 +47,14 @@ COMPILE_SPEEDUP = 1.19  # --compile backbone vs eager, ViT-S/16 on an H100 (2026
 # Relative to an H100's dense bf16 peak (989 TFLOP/s), for Ray's accelerator_type resource.
 ACCELERATOR_SCALE = {"H100": 1.0, "H200": 1.0, "H20": 0.15, "A100": 0.32, "A10G": 0.13, "L4": 0.12,
                      "L40S": 0.37, "V100": 0.13, "B200": 2.27}
+# GPU memory (GiB) by Ray's accelerator_type; unknown: an H100's.
+ACCELERATOR_GIB = {"H100": 80, "H200": 141, "H20": 96, "A100": 40, "A10G": 24, "L4": 24, "L40S": 48, "V100": 16,
+                   "B200": 180}
+# Activation bytes per (width x depth x token alive) and image, bf16 autocast with the split
+# backward (one crop group alive): ViT-S/16, batch 64, 224/96 px peaked at 6.50 GiB (2026-11-26),
+# 1.0 GiB of it parameters, gradients, AdamW state and teacher; without the split 10.6 GiB.
+ACTIVATION_BYTES = 46.4
+PARAM_BYTES = 20  # fp32 student weights + gradients + AdamW moments (16) + fp32 teacher (4)
 CPU_GFLOPS_PER_CORE = 57.0  # fp32 training step, 2-core AMD EPYC (322 GFLOP in 2.8 s), 2026-11-26
 
 
@@ -134,6 +144,39 @@ def flops_per_image(cfg: ExperimentConfig) -> float:
     masked = 2 * m.mask_probability * (lo + hi) / 2 * (d.global_size // p) ** 2
     patch_heads = 4 * masked * head(mdl.n_patch_prototypes)
     return student + teacher + cls_heads + patch_heads
+
+
+def gpu_memory_gib(cfg: ExperimentConfig, micro_batch: Optional[int] = None) -> float:
+    """Estimated peak GPU memory of one worker (parameters and optimiser state of student, teacher
+    and heads, plus the activations of one micro-batch's largest crop group)."""
+    d, mdl, m = cfg.data, cfg.model, cfg.method
+    width, depth = backbone_shape(cfg)
+    p = cfg.patch_size
+    prefix = 1 + m.n_register_tokens
+    h, b = mdl.head_hidden_dim, mdl.head_bottleneck_dim
+    head = width * h + h * h + h * b
+    params = 12 * width ** 2 * depth + 2 * head + b * (mdl.n_cls_prototypes + mdl.n_patch_prototypes)
+    glob = 2 * ((d.global_size // p) ** 2 + prefix)
+    loc = d.n_local * ((d.local_size // p) ** 2 + prefix)
+    tokens = max(glob, loc) if m.split_backward else glob + loc
+    batch = micro_batch or cfg.train.micro_batch_size
+    return (PARAM_BYTES * params + batch * ACTIVATION_BYTES * width * depth * tokens) / 2**30
+
+
+def memory_row(plan: Plan, cfg: ExperimentConfig, accelerator: str) -> str:
+    """The plan's GPU memory line; a warning (with the train.accumulate that fits) when it does not fit."""
+    t = cfg.train
+    gib, have = gpu_memory_gib(cfg), ACCELERATOR_GIB.get(accelerator, 80) * t.gpus_per_worker
+    plan.numbers["gpu_memory_gib"] = gib
+    if gib > 0.9 * have:
+        batch = t.worker_batch_size
+        k = next((k for k in range(2, batch + 1) if batch % k == 0 and gpu_memory_gib(cfg, batch // k) <= 0.9 * have),
+                 None)
+        fix = (f"train.accumulate={k} (micro-batches of {batch // k}: ~{gpu_memory_gib(cfg, batch // k):,.0f} GiB; the "
+               "same global batch and schedule)" if k else "more workers (train.num_workers)")
+        plan.warnings.append(f"estimated ~{gib:,.0f} GiB of GPU memory per worker, more than an {accelerator}'s "
+                             f"{have:g} GiB: {fix}")
+    return f"~{gib:,.0f} GiB per worker (estimate; {t.micro_batch_size} images per forward; {accelerator}: {have:g} GiB)"
 
 
 def worker_images_per_s(cfg: ExperimentConfig, accelerator: Optional[str]) -> float:
@@ -262,9 +305,6 @@ def concurrent_trials(cfg: ExperimentConfig, cpus: float, gpus: float) -> int:
 def make_plan(cfg: ExperimentConfig, command: str = "sweep", cluster: Optional[Cluster] = None) -> Plan:
     """The plan of ``command`` ('sweep' | 'train') for ``cfg``; reads the source's listing (never
     downloads) and the target cluster (:func:`target_cluster` unless given)."""
-    from rayssl.data import DataSourceError
-    from rayssl.data.catalog import validate_source
-
     plan = Plan()
     t, d, m = cfg.train, cfg.data, cfg.method
     cluster = cluster or target_cluster(cfg)
@@ -340,6 +380,8 @@ def make_plan(cfg: ExperimentConfig, command: str = "sweep", cluster: Optional[C
         rows.append(("trials", f"{cfg.sweep.num_samples} ({cfg.sweep.search}, scheduler {cfg.sweep.scheduler}), "
                                f"{min(n, cfg.sweep.num_samples)} at a time"))
         plan.numbers["concurrent_trials"] = min(n, cfg.sweep.num_samples)
+    if t.use_gpu:
+        rows.append(("GPU memory", memory_row(plan, cfg, cluster.accelerator or "H100")))
     plan.add("resources", rows)
     if errors:
         if cluster.live:
