@@ -177,15 +177,24 @@ def test_base_list_reads_names_and_pins(wh, tmp_path):
 
 # --------------------------------------------------------------------- the base environment
 
-def _base_distributions(names) -> dict:
-    """{canonical name: Distribution} of the main environment: ``names`` and their dependencies."""
+def _site_distributions() -> list:
+    """The main environment's installed distributions, read from its site-packages only:
+    sys.path of this process may hold more once Ray is imported (ray/thirdparty_files has its
+    own psutil), and linking that one would make a folder named ray in the base."""
+    import sysconfig
     from importlib import metadata
 
+    paths = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
+    return list(metadata.distributions(path=paths))
+
+
+def _base_distributions(names) -> dict:
+    """{canonical name: Distribution} of the main environment: ``names`` and their dependencies."""
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.utils import canonicalize_name
 
     installed = {}
-    for dist in metadata.distributions():
+    for dist in _site_distributions():
         installed.setdefault(canonicalize_name(dist.metadata["Name"]), dist)
     todo, out, seen = [(canonicalize_name(n), "") for n in names], {}, set()
     while todo:  # (name, extra): torch needs cuda-toolkit[cublas,cudart,...]
@@ -260,13 +269,11 @@ def offline(tmp_path_factory):
     manifest = json.loads((wh / "wheelhouse.json").read_text())
 
     # 2. A fresh venv that has only the base image (this environment's copies, linked).
-    from importlib import metadata
-
     names = ["torch", "torchvision"]
     if WITH_BASE:
         names += [line.split("#")[0].strip() for line in BASE_LIST.read_text().splitlines()]
     base = _base_distributions([n for n in names if n])
-    others = [d for d in metadata.distributions()
+    others = [d for d in _site_distributions()
               if d.metadata["Name"] and d.metadata["Name"].lower().replace("_", "-") not in base]
     venv = root / "venv"
     t0 = time.monotonic()
@@ -336,13 +343,16 @@ def test_offline_install_then_train(offline, tmp_path):
     main_dists = _main_dists()
 
     # Before: the base is there, the platform's dependencies are not.
-    probe = ("import importlib.util, json, torch, torchvision; print(json.dumps({m: importlib.util.find_spec(m) "
-             "is not None for m in ['ray', 'mlflow', 'hydra', 'omegaconf', 'optuna', 'timm', 'pyarrow']}))")
-    before = json.loads(subprocess.run([py, "-c", probe], capture_output=True, text=True, env=env, check=True,
-                                       cwd=root).stdout)
-    assert before["ray"] is False and before["mlflow"] is False and before["hydra"] is False, before
-    assert before["optuna"] is False and before["omegaconf"] is False, before
-    assert before["timm"] is WITH_BASE and before["pyarrow"] is WITH_BASE, before
+    # (where each is found, so that a leak names its folder)
+    probe = ("import importlib.util as u, json, torch, torchvision\n"
+             "specs = {m: u.find_spec(m) for m in ['ray', 'mlflow', 'hydra', 'omegaconf', 'optuna', 'timm', 'pyarrow']}\n"
+             "print(json.dumps({m: s and (s.origin or list(s.submodule_search_locations)) for m, s in specs.items()}))")
+    where = json.loads(subprocess.run([py, "-c", probe], capture_output=True, text=True, env=env, check=True,
+                                      cwd=root).stdout)
+    before = {m: w is not None for m, w in where.items()}
+    assert before["ray"] is False and before["mlflow"] is False and before["hydra"] is False, where
+    assert before["optuna"] is False and before["omegaconf"] is False, where
+    assert before["timm"] is WITH_BASE and before["pyarrow"] is WITH_BASE, where
 
     # The offline install, exactly as documented.
     t0 = time.monotonic()

@@ -361,6 +361,10 @@ def make_plan(cfg: ExperimentConfig, command: str = "sweep", cluster: Optional[C
                  ("k-NN, checkpoints", f"k-NN every {t.knn_every} epochs; checkpoint every "
                                        f"{t.checkpoint_every or spe:,} steps, keep {t.keep_checkpoints}")]
     plan.add("optimisation", rows)
+    if total and sched["freeze_last_layer_steps"] >= total / 2:
+        plan.warnings.append(f"the prototype layers stay frozen for {sched['freeze_last_layer_steps']:,} of the run's "
+                             f"{total:,} steps (method.freeze_last_layer_epochs={m.freeze_last_layer_epochs:g}): "
+                             "a short run needs method.freeze_last_layer_epochs=0 or a fraction of an epoch")
     plan.numbers.update(global_batch=t.global_batch_size, worker_batch=t.worker_batch_size, peak_lr=sched["peak_lr"],
                         steps_per_epoch=spe or 0, total_steps=total or 0, warmup_steps=sched["warmup_steps"],
                         teacher_temp_warmup_steps=sched["teacher_temp_warmup_steps"],
