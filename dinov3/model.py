@@ -9,7 +9,7 @@ DDP: wrap the whole module (``DDP(method)``). Teacher and Gram snapshot paramete
 forward (the mask token via ``torch.where`` even with no masked patch, the patch head
 on an empty batch when M == 0, the CLS head with or without locals, zero-weight losses
 are still added), so ``find_unused_parameters`` is not needed. A split step
-(:meth:`DINOv3.backward_parts`) runs its first part under ``DDP.no_sync()``; its last part
+(:meth:`DINOv3.forward_backward`) runs its first part under ``DDP.no_sync()``; its last part
 reaches every student parameter (see ``forward``), so the all-reduce is complete.
 """
 
@@ -54,7 +54,7 @@ class DINOv3Output:
 
 
 @dataclass
-class _StepTargets:
+class StepTargets:
     """One step's masks and teacher targets, shared by its ``"local"`` and ``"global"`` parts."""
 
     masks: torch.Tensor  # bool [2B, P]
@@ -63,7 +63,6 @@ class _StepTargets:
     masked_fraction: torch.Tensor  # scalar, on the device
     t_cls_probs: torch.Tensor  # [2, B, Kc]
     t_patch_probs: torch.Tensor  # [M, Kp]
-    done: Dict[str, DINOv3Output] = field(default_factory=dict)  # the parts already run, by name
 
 
 class DINOv3(nn.Module):
@@ -92,7 +91,6 @@ class DINOv3(nn.Module):
         self.schedules: Optional[Schedules] = None
         self.mask_generator: Optional[torch.Generator] = None  # created on first forward (seed + rank)
         self._gram_active = False
-        self._pending: Optional[_StepTargets] = None  # between the two parts of a split step
 
     # ---- structure -----------------------------------------------------------------
     @property
@@ -157,7 +155,7 @@ class DINOv3(nn.Module):
         torch._dynamo.maybe_mark_dynamic(weights, 0)
         return masks, token_index, weights, masked_fraction
 
-    def _targets(self, g: torch.Tensor, b: int, grid, masks: Optional[torch.Tensor]) -> _StepTargets:
+    def _targets(self, g: torch.Tensor, b: int, grid, masks: Optional[torch.Tensor]) -> StepTargets:
         """Masks of the student's global crops and the teacher's Sinkhorn targets (no grad)."""
         c = self.cfg
         device = g.device
@@ -173,70 +171,61 @@ class DINOv3(nn.Module):
             t_patch_logits = self.teacher["patch_head"](t_tokens.flatten(0, 1).index_select(0, token_index))
             t_cls_probs = sinkhorn_knopp(t_cls_logits, self.teacher_temp, c.sinkhorn_iterations).view(2, b, -1)
             t_patch_probs = sinkhorn_knopp(t_patch_logits, self.teacher_temp, c.sinkhorn_iterations)  # [M, Kp]
-        return _StepTargets(masks, token_index, weights, masked_fraction, t_cls_probs, t_patch_probs)
+        return StepTargets(masks, token_index, weights, masked_fraction, t_cls_probs, t_patch_probs)
+
+    def targets(self, global_crops: torch.Tensor, masks: Optional[torch.Tensor] = None) -> StepTargets:
+        """One step's masks and teacher targets (no grad): ``global_crops [B, 2, 3, G, G]``;
+        ``masks`` bool ``[2B, P]`` (crop-major) overrides the generated masks (tests)."""
+        b = self._check_globals(global_crops)
+        g = self._to_float(global_crops).transpose(0, 1).flatten(0, 1)  # [2B, 3, G, G]
+        return self._targets(g, b, self.student["backbone"].grid_size(g.shape[-1]), masks)
+
+    @staticmethod
+    def _check_globals(global_crops: torch.Tensor) -> int:
+        b, n_g = global_crops.shape[:2]
+        if n_g != 2:
+            raise ValueError(f"global_crops must hold 2 crops per image, got shape {tuple(global_crops.shape)}")
+        return b
 
     def forward(self, global_crops: torch.Tensor, local_crops: Optional[torch.Tensor] = None,
-                masks: Optional[torch.Tensor] = None, part: str = "all") -> DINOv3Output:
+                masks: Optional[torch.Tensor] = None, *, part: str = "all",
+                targets: Optional[StepTargets] = None) -> DINOv3Output:
         """``global_crops [B, 2, 3, G, G]``, ``local_crops [B, n_l, 3, L, L] | None`` (uint8, or
         float already normalised); ``masks`` bool ``[2B, P]`` (crop-major) overrides the
         generated masks (tests).
 
         ``part`` (see :meth:`backward_parts`): ``"all"``, the whole step's loss; ``"global"``
-        or ``"local"``, that crop group's loss terms, the two called in turn on the same batch.
-        The first computes the masks and teacher targets and keeps them for the second; the
-        second returns the whole step's detached loss terms and metrics.
+        or ``"local"``, that crop group's loss terms, computed against ``targets`` (this
+        step's :meth:`targets`, shared by its parts; computed here when None). The method
+        keeps no state between calls: :meth:`forward_backward` runs a step's parts.
         """
         c = self.cfg
         if part not in ("all", "local", "global"):
             raise ValueError(f"part must be 'all', 'local' or 'global', got {part!r}")
-        b, n_g = global_crops.shape[:2]
-        if n_g != 2:
-            raise ValueError(f"global_crops must hold 2 crops per image, got shape {tuple(global_crops.shape)}")
+        b = self._check_globals(global_crops)
         n_local = local_crops.shape[1] if local_crops is not None else 0
         if part == "local" and n_local == 0:
             raise ValueError("part='local' needs local crops")
         n_pairs = 2 + 2 * n_local  # DINO pairs of the whole step
         g = self._to_float(global_crops).transpose(0, 1).flatten(0, 1)  # [2B, 3, G, G]
         backbone = self.student["backbone"]
-        first = part == "all" or self._pending is None
-        if first:
-            grid = backbone.grid_size(g.shape[-1])
-            targets = self._targets(g, b, grid, masks)
-        else:
-            targets, self._pending = self._pending, None
-            if part in targets.done:
-                raise RuntimeError(f"part={part!r} twice in one step")
+        if targets is None:
+            targets = self._targets(g, b, backbone.grid_size(g.shape[-1]), masks)
+        if part != "local":
+            return self._global_terms(g, b, local_crops if part == "all" else None, targets, n_pairs)
+        loc = self._to_float(local_crops).transpose(0, 1).flatten(0, 1)  # [n_l*B, 3, L, L]
+        s_cls_logits = self.student["cls_head"](backbone(loc)[:, 0]).view(n_local, b, c.n_cls_prototypes)
+        loss_cls = dino_loss(s_cls_logits, targets.t_cls_probs, c.temperature_student, globals_first=False,
+                             n_pairs=n_pairs)
+        # DDP all-reduces on the step's last backward, which must reach every student
+        # parameter: the ones only the global crops use join with weight 0.
+        unused = [backbone.mask_token, *self.student["patch_head"].parameters()]
+        loss = c.dino_weight * loss_cls + 0.0 * sum(p.reshape(-1)[0] for p in unused)
+        zero = loss_cls.new_zeros(())
+        return DINOv3Output(loss=loss, loss_cls=loss_cls.detach(), loss_patch=zero, loss_koleo=zero,
+                            loss_gram=zero)
 
-        out = None
-        if part in ("all", "global"):
-            out = self._global_terms(g, b, local_crops if part == "all" else None, targets, n_pairs)
-        if part == "local":
-            loc = self._to_float(local_crops).transpose(0, 1).flatten(0, 1)  # [n_l*B, 3, L, L]
-            s_cls_logits = self.student["cls_head"](backbone(loc)[:, 0]).view(n_local, b, c.n_cls_prototypes)
-            loss_cls = dino_loss(s_cls_logits, targets.t_cls_probs, c.temperature_student, globals_first=False,
-                                 n_pairs=n_pairs)
-            loss = c.dino_weight * loss_cls
-            if not first:
-                # DDP all-reduces on the step's last backward, which must reach every student
-                # parameter: the ones only the global crops use join with weight 0.
-                unused = [backbone.mask_token, *self.student["patch_head"].parameters()]
-                loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in unused)
-            zero = loss_cls.new_zeros(())
-            out = DINOv3Output(loss=loss, loss_cls=loss_cls.detach(), loss_patch=zero, loss_koleo=zero,
-                               loss_gram=zero)
-        if part == "all":
-            return out
-        if first:  # keep the targets and this part's terms for the other part
-            targets.done[part] = out
-            self._pending = targets
-            return out
-        # the second part: this part's graph, the whole step's detached terms
-        other = next(iter(targets.done.values()))
-        glob = other if part == "local" else out
-        return DINOv3Output(loss=out.loss, loss_cls=other.loss_cls + out.loss_cls, loss_patch=glob.loss_patch,
-                            loss_koleo=glob.loss_koleo, loss_gram=glob.loss_gram, metrics=glob.metrics)
-
-    def _global_terms(self, g: torch.Tensor, b: int, local_crops: Optional[torch.Tensor], targets: _StepTargets,
+    def _global_terms(self, g: torch.Tensor, b: int, local_crops: Optional[torch.Tensor], targets: StepTargets,
                       n_pairs: int) -> DINOv3Output:
         """Student on the masked global crops (+ ``local_crops`` when given: the whole step):
         DINO, iBOT, KoLeo (and Gram) terms; heads only on CLS and masked tokens."""
@@ -296,16 +285,21 @@ class DINOv3(nn.Module):
         amp = autocast or contextlib.nullcontext
         n_local = 0 if local_crops is None else local_crops.shape[1]
         parts = self.backward_parts(n_local)
-        loss = None
+        with amp():
+            targets = self.targets(global_crops) if len(parts) > 1 else None
+        outs = {}
         for i, part in enumerate(parts):
             local_only = not sync or i < len(parts) - 1
             no_sync = run.no_sync() if local_only and hasattr(run, "no_sync") else contextlib.nullcontext()
             with no_sync:
                 with amp():
-                    out = run(global_crops, local_crops if n_local else None, part=part)
+                    out = run(global_crops, local_crops if n_local else None, part=part, targets=targets)
                 (out.loss * loss_scale if loss_scale != 1.0 else out.loss).backward()
-            loss = out.loss.detach() if loss is None else loss + out.loss.detach()
-        return dataclasses.replace(out, loss=loss)
+            outs[part] = dataclasses.replace(out, loss=out.loss.detach())
+        if len(outs) == 1:
+            return outs[parts[0]]
+        glob, loc = outs["global"], outs["local"]  # the whole step's terms
+        return dataclasses.replace(glob, loss=glob.loss + loc.loss, loss_cls=glob.loss_cls + loc.loss_cls)
 
     # ---- optimisation --------------------------------------------------------------
     def configure(self, total_steps: int, steps_per_epoch: int, global_batch_size: int) -> None:

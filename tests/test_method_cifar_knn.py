@@ -105,11 +105,8 @@ def test_micro_model_on_cifar10_raises_knn_over_random_init(two_threads):
         global_crops, local_crops = aug.batch(list(train_x[rows]), crop_gens)
         hparams = method.apply_schedules(optimizer, step)
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for part in method.backward_parts(local_crops.shape[1]):
-            out = method(global_crops, local_crops, part=part)
-            total += float(out.loss.detach())
-            out.loss.backward()
+        out = method.forward_backward(global_crops, local_crops)
+        total = float(out.loss)
         method.clip_gradients()
         optimizer.step()
         method.update_teacher(hparams["momentum"])

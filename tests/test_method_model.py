@@ -1,6 +1,5 @@
 """DINOv3 module end to end on micro models (depth 2, width 64, 32 px, patch 8 -> 16 patches)."""
 
-import contextlib
 import copy
 import os
 import socket
@@ -166,19 +165,33 @@ def test_split_backward_gives_the_gradients_of_one_backward(backbone):
     for order in (("global", "local"), ("local", "global")):
         b = copy.deepcopy(a)
         b.zero_grad(set_to_none=True)
-        first = b(glob, loc, masks=masks, part=order[0])
-        first.loss.backward()
-        last = b(glob, loc, part=order[1])
-        last.loss.backward()
-        for name in ("loss_cls", "loss_patch", "loss_koleo"):
-            torch.testing.assert_close(getattr(last, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
-        assert set(last.metrics) == set(whole.metrics)
-        torch.testing.assert_close(first.loss + last.loss, whole.loss, rtol=1e-5, atol=1e-6)
+        targets = b.targets(glob, masks=masks)  # shared by the parts; the method keeps no state
+        outs = {}
+        for part in order:
+            outs[part] = b(glob, loc, part=part, targets=targets)
+            outs[part].loss.backward()
+        glob_part, loc_part = outs["global"], outs["local"]
+        torch.testing.assert_close(glob_part.loss_cls + loc_part.loss_cls, whole.loss_cls, rtol=1e-5, atol=1e-6)
+        for name in ("loss_patch", "loss_koleo"):
+            torch.testing.assert_close(getattr(glob_part, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+        assert set(glob_part.metrics) == set(whole.metrics)
+        torch.testing.assert_close(glob_part.loss + loc_part.loss, whole.loss, rtol=1e-5, atol=1e-6)
         for (name, pa), (_, pb) in zip(a.student.named_parameters(), b.student.named_parameters()):
             torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6, msg=name)
-    b(glob, loc, part="local")
-    with pytest.raises(RuntimeError, match="twice in one step"):
-        b(glob, loc, part="local")
+    # forward_backward runs the same split: same whole-step terms and gradients
+    torch.manual_seed(1)
+    c = build_method({**MICRO, "backbone": backbone, "drop_path_rate": 0.0})
+    d = copy.deepcopy(c)
+    c.mask_generator, d.mask_generator = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    split = c.forward_backward(glob, loc)
+    one = d(glob, loc)
+    one.loss.backward()
+    for name in ("loss", "loss_cls", "loss_patch", "loss_koleo"):
+        torch.testing.assert_close(getattr(split, name), getattr(one, name).detach(), rtol=1e-5, atol=1e-6)
+    for (name, pc), (_, pd) in zip(c.student.named_parameters(), d.student.named_parameters()):
+        torch.testing.assert_close(pc.grad, pd.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="needs local crops"):
+        c(glob, None, part="local")
 
 
 def _free_port() -> int:
@@ -202,11 +215,8 @@ def _ddp_worker(rank, world, port, out_dir):
             glob, loc = crops(b=2, n_local=2 if step != 1 else 0, seed=10 * step + rank)
             local = loc if step != 1 else None
             opt.zero_grad()
-            parts = method.backward_parts(0 if local is None else local.shape[1])
-            for i, part in enumerate(parts):  # as rayssl/train.py: all-reduce on the last backward only
-                with model.no_sync() if i < len(parts) - 1 else contextlib.nullcontext():
-                    out = model(glob, local, part=part)
-                    out.loss.backward()
+            # the split step through DDP: all-reduce on the last backward only
+            out = method.forward_backward(glob, local, runner=model)
             method.clip_gradients()
             opt.step()
             method.update_teacher(hp["momentum"])

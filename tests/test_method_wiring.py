@@ -164,12 +164,13 @@ def test_step_loss_matches_the_recipe_formulas(backbone):
 
     # split step: the two parts' losses add up to the whole step's, the local part alone is
     # the locals' DINO pairs over the step's pair count
-    first = m(glob, loc, masks=masks, part="global")
-    last = m(glob, loc, part="local")
+    targets = m.targets(glob, masks=masks)
+    first = m(glob, loc, part="global", targets=targets)
+    last = m(glob, loc, part="local", targets=targets)
     close(first.loss.detach() + last.loss.detach(), out.loss.detach(), "global + local")
     close(last.loss.detach(), m.cfg.dino_weight * local_part, "local part")
-    close(last.loss_cls, loss_cls, "loss_cls of the split step")
-    close(last.loss_patch, loss_patch, "loss_patch of the split step")
+    close(first.loss_cls + last.loss_cls, loss_cls, "loss_cls of the split step")
+    close(first.loss_patch, loss_patch, "loss_patch of the split step")
 
 
 def test_teacher_temperature_of_the_step_is_used():
