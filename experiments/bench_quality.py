@@ -49,7 +49,7 @@ for _p in (str(REPO), str(REPO / "platform")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from dinov3.augment import EvalTransform, MultiCropAugmentation, normalize  # noqa: E402  (torch only)
+from dinov3.augment import EvalTransform, MultiCropAugmentation  # noqa: E402  (torch only)
 from dinov3.evaluation import knn_classify  # noqa: E402
 
 DEFAULT_OUT = Path(os.environ.get("DINOV3_BENCH_QUALITY_OUT", "/tmp/dinov3_bench_quality"))
@@ -221,7 +221,6 @@ def diagnostics(method) -> dict:
 
 def train_ours(name: str, overrides: Sequence[str], data, sets, args) -> dict:
     from dinov3 import build_method
-    from dinov3.losses import entropy
 
     kwargs, geo = compose_recipe(overrides)
     torch.manual_seed(args.seed)
@@ -410,8 +409,9 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_OUT / "cache", help="decoded CIFAR-10 cache")
+    p.add_argument("--cache-dir", type=Path, default=None, help="decoded CIFAR-10 cache (default: OUT/cache)")
     args = p.parse_args()
+    args.cache_dir = args.cache_dir or args.out / "cache"
 
     runs_wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in runs_wanted if r not in RUN_NAMES]
