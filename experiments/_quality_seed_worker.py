@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The original module's side of ``experiments/bench_quality.py`` (run by it, in the interpreter
-that has ``stable-pretraining==0.1.8``; see ``../shared/baselines/README.md``).
+that has ``stable-pretraining==0.1.8``; see ``bench_quality.py``'s docstring).
 
     <seed-python> experiments/_quality_seed_worker.py SPEC.json RESULT.json
 
@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402  (torch + dinov3.augment / dinov3.evaluation only)
+from dinov3.augment import normalize  # noqa: E402
 
 
 def main() -> None:
@@ -86,7 +87,7 @@ def main() -> None:
     points, window = [], []
 
     def embed(x):
-        return model(images=bq.normalize(x)).embedding
+        return model(images=normalize(x)).embedding
 
     hp = {}
     for step in range(steps + 1):
@@ -106,11 +107,11 @@ def main() -> None:
             break
         t0 = time.perf_counter()
         g, loc = stream(step)
-        lr = bq.lr_at(step, steps, spec["peak_lr"], spec["warmup_frac"], spec["min_lr"])
+        lr = spec["lr"][step]
         for group in opt.param_groups:
             group["lr"] = lr
-        gv = [bq.normalize(g[:, i]) for i in range(g.shape[1])]
-        lv = [bq.normalize(loc[:, i]) for i in range(loc.shape[1])]
+        gv = [normalize(g[:, i]) for i in range(g.shape[1])]
+        lv = [normalize(loc[:, i]) for i in range(loc.shape[1])]
         out = model(global_views=gv, local_views=lv)
         out.loss.backward()
         opt.step()

@@ -14,16 +14,19 @@ centre-cropped by ``dinov3.augment.EvalTransform``.
 
 This project's side is built from the Hydra recipe (``experiment=cifar10`` plus the size
 overrides below), so the recipe is what is measured; the original module runs in its own
-virtual environment (``--seed-python``, default ``$SEED_PYTHON`` or ``/tmp/seed-venv/bin/python``;
-see ``../shared/baselines/README.md``) through ``experiments/_quality_seed_worker.py``, and is
-skipped with a message when that interpreter is missing.
+virtual environment (``--seed-python``, default ``$SEED_PYTHON`` or ``/tmp/seed-venv/bin/python``)
+through ``experiments/_quality_seed_worker.py``, and is skipped with a message when that
+interpreter is missing. It pulls in about 100 packages, so never into this project's environment:
 
-    PYTHONPATH=.:platform python experiments/bench_quality.py               # ~1 h on 2 cores
+    python3 -m venv /tmp/seed-venv
+    /tmp/seed-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 stable-pretraining==0.1.8
+
+    PYTHONPATH=.:platform python experiments/bench_quality.py --jobs 3 --threads 2 --knn-query 5000  # ~1.5 h
     PYTHONPATH=.:platform python experiments/bench_quality.py --runs ours --steps 300 \\
         --override method.weight_decay_end=0.04                              # one variant
 
-Data: CIFAR-10 as an ImageFolder of JPEGs at ``../shared/data/cifar10`` from the repo root
-(override with ``DINOV3_CIFAR10_DIR``), decoded once into uint8 tensors cached under the
+Data: CIFAR-10 as an ImageFolder of JPEGs (``train/`` and ``test/``, a folder per class) at
+``$DINOV3_CIFAR10_DIR`` (default: ``shared/data/cifar10`` beside the repository's folder), decoded once into uint8 tensors cached under the
 output directory. Outputs (``--out``, default ``/tmp/dinov3_bench_quality``): ``quality.json``
 (every number), ``quality.png`` (k-NN against steps), one ``<run>.json`` per run.
 """
@@ -50,7 +53,9 @@ for _p in (str(REPO), str(REPO / "platform")):
         sys.path.insert(0, _p)
 
 from dinov3.augment import EvalTransform, MultiCropAugmentation  # noqa: E402  (torch only)
+from dinov3.config import DINOv3Config  # noqa: E402
 from dinov3.evaluation import knn_classify  # noqa: E402
+from dinov3.schedules import Schedules  # noqa: E402
 
 DEFAULT_OUT = Path(os.environ.get("DINOV3_BENCH_QUALITY_OUT", "/tmp/dinov3_bench_quality"))
 DEFAULT_SEED_PYTHON = os.environ.get("SEED_PYTHON", "/tmp/seed-venv/bin/python")
@@ -152,18 +157,6 @@ class CropStream:
         for gen, r in zip(self._gens, rows.tolist()):
             gen.manual_seed(((self.seed * 1_000_003 + epoch) * 100_003 + r) % (2 ** 63))
         return self.aug.batch(list(self.images[rows]), self._gens)
-
-
-def lr_at(step: int, total: int, peak: float, warmup_frac: float, min_lr: float) -> float:
-    """The recipe's LR schedule (``dinov3.schedules.Schedules.lr``: linear warm-up over
-    ``int(warmup_frac * total)`` steps, then half-cosine to ``min_lr``), for the original module."""
-    warm = int(warmup_frac * total)
-    if step < warm:
-        return peak * step / warm
-    t, n = step - warm, total - warm
-    if n <= 0 or t >= n:
-        return min_lr
-    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * t / n))
 
 
 def eval_steps(total: int, every: int) -> List[int]:
@@ -286,8 +279,8 @@ def train_ours(name: str, overrides: Sequence[str], data, sets, args) -> dict:
 def run_seed(spec: dict, args, out_dir: Path) -> Optional[dict]:
     py = Path(args.seed_python)
     if not py.is_file():
-        print(f"[seed] SKIPPED: no interpreter at {py} (install stable-pretraining==0.1.8 as in "
-              f"../shared/baselines/README.md, or pass --seed-python / set SEED_PYTHON)", flush=True)
+        print(f"[seed] SKIPPED: no interpreter at {py} (a venv with torch and stable-pretraining==0.1.8, "
+              f"see this script's docstring; or pass --seed-python / set SEED_PYTHON)", flush=True)
         return None
     spec_path, result_path = out_dir / "seed_spec.json", out_dir / "seed.json"
     spec_path.write_text(json.dumps(spec, indent=1))
@@ -473,12 +466,12 @@ def run_sequential(runs_wanted, keys, threads, size, kwargs, geo, args) -> Dict[
         key = keys[name]
         t0 = time.perf_counter()
         if name == "seed":
-            peak = kwargs["base_lr"] * math.sqrt(args.batch / kwargs["lr_reference_batch"])  # the recipe's rule
+            # the recipe's own lr schedule, step by step (the module has none of its own)
+            sched = Schedules.from_config(DINOv3Config.from_dict(kwargs), args.steps, 1, args.batch)
             spec = {"steps": args.steps, "eval_every": args.eval_every, "batch": args.batch, "seed": args.seed,
                     "threads": threads, "knn_bank": args.knn_bank, "knn_query": args.knn_query,
                     "cache_dir": str(args.cache_dir), "cifar10_dir": str(cifar10_dir()),
-                    "geometry": geo, "peak_lr": peak, "warmup_frac": kwargs["lr_warmup_frac"],
-                    "min_lr": kwargs["min_lr"],
+                    "geometry": geo, "peak_lr": sched.peak_lr, "lr": [sched.lr(s) for s in range(args.steps)],
                     "model": {k: kwargs[k] for k in ("backbone", "img_size", "patch_size", "embed_dim", "depth",
                                                      "num_heads", "n_register_tokens", "head_hidden_dim",
                                                      "head_bottleneck_dim", "n_cls_prototypes",

@@ -4,6 +4,7 @@ interpreter) runs end to end on a tiny CIFAR-like ImageFolder."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -41,6 +42,16 @@ def test_checks_state_each_target_and_its_verdict():
     assert not got["ours: k-NN never falls > 1 point below its best so far"]
     assert not got["ours: final teacher CLS target entropy < 0.9 ln K"]
     assert not got["ours: last k-NN >= original module's + 5 points"]
+
+
+def test_the_original_modules_worker_uses_only_what_bench_quality_has():
+    # the worker runs only where stable-pretraining is installed (not in CI): a renamed or
+    # removed helper would break it silently
+    tree = ast.parse((REPO / "experiments" / "_quality_seed_worker.py").read_text())
+    used = {n.attr for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "bq"}
+    assert {"load_cifar10", "knn_sets", "CropStream", "knn_top1"} <= used
+    assert not [name for name in used if not hasattr(bq, name)]
 
 
 def _tiny_cifar(root: Path, n_train: int = 6, n_test: int = 3) -> Path:
