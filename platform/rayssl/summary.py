@@ -92,6 +92,9 @@ def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, par
 
     best = best_result(results, metric, mode, cfg.train.epochs)
     best_trial = best.metrics.get("trial_id")
+    if best_trial is None and best.path:  # a Result restored with the experiment may lack it: its folder names it
+        folder = os.path.basename(str(best.path).rstrip("/"))
+        best_trial = next((t for t in run_ids if f"_{t}_" in f"_{folder}_"), None)
     best_run = run_ids.get(best_trial)
     tracking.set_tags(uri, parent, {"best_trial_id": best_trial, "best_run_id": best_run,
                                     f"best_{metric}": best.metrics.get(metric)})
