@@ -20,6 +20,7 @@ it is written for speed and a small footprint:
 | grayscale | 0.2 | 0.2 | 0.2 |
 | Gaussian blur, sigma U(0.1, 2), kernel 9 | 1.0 | 0.1 | 0.5  (blur="nominal", default) |
 |                                          | 0.0 | 0.9 | 0.5  (blur="official": released models) |
+|                                          | 0.0 | 0.0 | 0.0  (blur="none": small images) |
 | solarize (threshold 128) | - | solarize_prob (0.2) | - |
 
 Normalisation (ImageNet mean/std) is *not* applied here: crops leave as uint8 (4x less
@@ -48,7 +49,8 @@ IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # (global 1, global 2, local) blur probabilities.
-BLUR_PROBS = {"nominal": (1.0, 0.1, 0.5), "official": (0.0, 0.9, 0.5)}
+# "none": small images, where a sigma of up to 2 px (set for 224 px) erases the content.
+BLUR_PROBS = {"nominal": (1.0, 0.1, 0.5), "official": (0.0, 0.9, 0.5), "none": (0.0, 0.0, 0.0)}
 # float32 bytes of crops per photometric call: cache-sized chunks ran 224 px crops 24% and
 # 32 px crops 8% faster than one call over a whole 16- / 256-image batch (2-core CPU here).
 PHOTOMETRIC_CHUNK_BYTES = 2 << 20

@@ -226,6 +226,7 @@ def train_ours(name: str, overrides: Sequence[str], data, sets, args) -> dict:
     evals = eval_steps(args.steps, args.eval_every)
     prog = Progress(name, args.steps)
     points, window = [], []
+    untrained_koleo = float("nan")
 
     def evaluate(step: int, hp: dict) -> None:
         method.eval()
@@ -262,6 +263,8 @@ def train_ours(name: str, overrides: Sequence[str], data, sets, args) -> dict:
         prog.train_s += time.perf_counter() - t0
         if not math.isfinite(total):
             raise FloatingPointError(f"[{name}] loss {total} at step {step}")
+        if step == 0:  # the untrained network's CLS crowding (the term is computed with koleo_weight=0 too)
+            untrained_koleo = float(out.loss_koleo)
         window.append({"loss": total, "loss_cls": float(out.loss_cls), "loss_patch": float(out.loss_patch),
                        "loss_koleo": float(out.loss_koleo),
                        "entropy_frac": float(out.metrics["teacher_entropy"]) / ln_k,
@@ -269,7 +272,7 @@ def train_ours(name: str, overrides: Sequence[str], data, sets, args) -> dict:
                        "cls_std": float(out.metrics["cls_std"])})
     return {"name": name, "overrides": list(overrides), "method_kwargs": kwargs, "geometry": geo,
             "steps_per_epoch": stream.steps_per_epoch, "train_s": prog.train_s,
-            "s_per_step": prog.train_s / args.steps, "points": points}
+            "s_per_step": prog.train_s / args.steps, "untrained_koleo": untrained_koleo, "points": points}
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,13 +345,16 @@ def table(runs: Dict[str, dict], checks_: List[dict]) -> str:
             v = next((p["knn"] for p in runs[n]["points"] if p["step"] == s), None)
             cells.append("" if v is None else f"{v:.2f}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | untrained k-NN | best | last | largest fall | final H(CLS target)/ln K | s/step |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    # KoLeo term (computed even at koleo_weight=0): -mean log nearest-neighbour distance of the
+    # student's CLS in a batch; it rises as the embeddings crowd together
+    lines += ["", "| run | untrained k-NN | best | last | largest fall | final H(CLS target)/ln K "
+              "| KoLeo term untrained / last | s/step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n in names:
         r = runs[n]
         ks = [p["knn"] for p in r["points"]]
         lines.append(f"| {n} | {ks[0]:.2f} | {max(ks):.2f} | {ks[-1]:.2f} | {max_drop(r):.2f} | "
-                     f"{final_entropy(r):.3f} | {r.get('s_per_step', float('nan')):.2f} |")
+                     f"{final_entropy(r):.3f} | {r.get('untrained_koleo', float('nan')):.2f} / "
+                     f"{r['points'][-1].get('loss_koleo', float('nan')):.2f} | {r.get('s_per_step', float('nan')):.2f} |")
     if checks_:
         lines += ["", "| target | measured | |", "|---|---|---|"]
         lines += [f"| {c['target']} | {c['value']} | {'pass' if c['pass'] else 'FAIL'} |" for c in checks_]

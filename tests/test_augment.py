@@ -84,7 +84,8 @@ def _close(p_hat, p, n):
     return abs(p_hat - p) <= 4 * math.sqrt(max(p * (1 - p), 1e-4) / n) + 1e-9
 
 
-@pytest.mark.parametrize("mode,probs", [("nominal", (1.0, 0.1, 0.5)), ("official", (0.0, 0.9, 0.5))])
+@pytest.mark.parametrize("mode,probs", [("nominal", (1.0, 0.1, 0.5)), ("official", (0.0, 0.9, 0.5)),
+                                        ("none", (0.0, 0.0, 0.0))])
 def test_blur_probabilities(mode, probs):
     aug = MultiCropAugmentation(32, 16, n_local=2, blur=mode)
     s = _sample(aug)
@@ -92,7 +93,7 @@ def test_blur_probabilities(mode, probs):
     for crop, p in zip((0, 1, 2), probs):
         assert _close(_rate(s, crop, "sigma", blurred), p, len(s)), (mode, crop)
     sig = [c["sigma"] for x in s for c in x if c["sigma"] is not None]
-    assert min(sig) >= 0.1 and max(sig) <= 2.0
+    assert not sig if mode == "none" else (min(sig) >= 0.1 and max(sig) <= 2.0)
 
 
 def test_other_probabilities_and_solarize_only_global2():
@@ -244,7 +245,7 @@ def _split(aug, imgs, seeds):
     return A.apply_photometric_batch(gg, ll, gp, lp)
 
 
-@pytest.mark.parametrize("blur", ["nominal", "official"])
+@pytest.mark.parametrize("blur", ["nominal", "official", "none"])
 @pytest.mark.parametrize("gsize,lsize,n_local,hw,n_img,seeds", [
     (224, 96, 8, (256, 250), 3, (0, 1)),
     (32, 16, 6, (32, 32), 12, (0, 1, 2, 3)),

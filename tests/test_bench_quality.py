@@ -89,6 +89,10 @@ def test_runs_end_to_end_and_writes_table_json_and_picture(tmp_path):
         kw = run["method_kwargs"]
         assert kw["temperature_teacher"] == 0.02 and kw["layerscale_init"] is None and kw["patch_size"] == 4
         assert kw["embed_dim"] == 32 and kw["n_cls_prototypes"] == 64
+    # the untrained network's crowding: the same seed, weights and first batch for both runs
+    # (the KoLeo weight changes the update, not the first forward)
+    k_ours, k_off = (summary["runs"][n]["untrained_koleo"] for n in ("ours", "ours-koleo0"))
+    assert np.isfinite(k_ours) and k_ours == pytest.approx(k_off, rel=1e-5)
     assert summary["runs"]["ours"]["method_kwargs"]["koleo_weight"] == 0.1
     assert summary["runs"]["ours-koleo0"]["method_kwargs"]["koleo_weight"] == 0
     targets = {c["target"] for c in summary["checks"]}

@@ -86,6 +86,7 @@ def test_default_tracking_store_is_absolute_sqlite_at_repo_root():
     ("train.epochs=0", "train.epochs"),
     ("train.epochs=abc", "train.epochs"),
     ("data.global_size=30", "data.global_size"),
+    ("data.blur=gaussian", "data.blur='gaussian': must be 'nominal', 'official' or 'none'"),
     # typos are config errors too, naming the key and the nearest known one
     ("train.batch_sise=3", "train.batch_sise: unknown key (did you mean train.global_batch_size?)"),
     ("method.koleo_wieght=0.2", "method.koleo_wieght: unknown key (did you mean method.koleo_weight?)"),

@@ -53,7 +53,7 @@ class DataConfig:
     local_size: int = 96
     n_local: int = 8
     eval_size: int = 224
-    blur: str = "nominal"  # nominal (recipe table) | official (what released models were trained with)
+    blur: str = "nominal"  # nominal (recipe table) | official (what released models were trained with) | none
     augment_on: str = "cpu"  # cpu: actors make finished crops | gpu: photometric ops on the trainer's device
     # multi-crop actors, per trial
     num_actors: int = 8
@@ -268,7 +268,7 @@ def check_data(d: DataConfig) -> None:
     _check(d.expected_train_images is None or d.expected_train_images >= 1, "data.expected_train_images",
            "must be >= 1 or null", d.expected_train_images)
     _check(d.n_local >= 0, "data.n_local", "must be >= 0", d.n_local)
-    _check(d.blur in ("nominal", "official"), "data.blur", "must be 'nominal' or 'official'", d.blur)
+    _check(d.blur in ("nominal", "official", "none"), "data.blur", "must be 'nominal', 'official' or 'none'", d.blur)
     _check(d.augment_on in ("cpu", "gpu"), "data.augment_on", "must be 'cpu' or 'gpu'", d.augment_on)
     _check(d.num_actors >= 1, "data.num_actors", "must be >= 1", d.num_actors)
     _check(d.cpus_per_actor > 0, "data.cpus_per_actor", "must be > 0", d.cpus_per_actor)
