@@ -100,3 +100,21 @@ def test_runs_end_to_end_and_writes_table_json_and_picture(tmp_path):
     assert "ours: final teacher CLS target entropy < 0.9 ln K" in targets
     assert "| step | ours | ours-koleo0 |" in proc.stdout
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow  # one micro training in a subprocess: ~15 s on 2 cores
+def test_one_variant_with_a_tag_and_an_override(tmp_path):
+    """The screens' command (docs/benchmarks.md): one run, its overrides applied, its own files."""
+    data = _tiny_cifar(tmp_path / "cifar", n_train=2, n_test=2)
+    out = tmp_path / "out"
+    env = {**os.environ, "DINOV3_CIFAR10_DIR": str(data), "PYTHONPATH": f"{REPO}:{REPO / 'platform'}"}
+    cmd = [sys.executable, "experiments/bench_quality.py", "--runs", "ours-koleo0", "--steps", "1", "--batch", "8",
+           "--tag", "lr2", "--override", "method.base_lr=0.002", "--embed-dim", "32", "--depth", "1",
+           "--num-heads", "2", "--head-hidden", "64", "--n-cls-prototypes", "64", "--n-patch-prototypes", "32",
+           "--knn-bank", "20", "--knn-query", "10", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = json.loads((out / "ours-koleo0-lr2.json").read_text())
+    assert run["method_kwargs"]["base_lr"] == 0.002 and run["method_kwargs"]["koleo_weight"] == 0
+    assert [p["step"] for p in run["points"]] == [0, 1] and np.isfinite(run["untrained_koleo"])
+    assert (out / "quality-lr2.png").is_file() and not (out / "quality.json").exists()
