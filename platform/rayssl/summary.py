@@ -91,10 +91,7 @@ def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, par
     plt.close(fig)
 
     best = best_result(results, metric, mode, cfg.train.epochs)
-    best_trial = best.metrics.get("trial_id")
-    if best_trial is None and best.path:  # a Result restored with the experiment may lack it: its folder names it
-        folder = os.path.basename(str(best.path).rstrip("/"))
-        best_trial = next((t for t in run_ids if f"_{t}_" in f"_{folder}_"), None)
+    best_trial = result_trial_id(best, run_ids)
     best_run = run_ids.get(best_trial)
     tracking.set_tags(uri, parent, {"best_trial_id": best_trial, "best_run_id": best_run,
                                     f"best_{metric}": best.metrics.get(metric)})
@@ -110,6 +107,17 @@ def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, par
     log.info("best trial %s: %s = %.2f with %s\n  MLflow: %s", best_trial, metric, best.metrics.get(metric),
              best.config, summary["best"]["url"])
     return summary
+
+
+def result_trial_id(result, trial_ids) -> Any:
+    """The Tune trial id of ``result``: its last report's ``trial_id``, or, for a Result restored
+    with the experiment that lacks it, the one of ``trial_ids`` its folder name carries
+    (``<trainable>_<trial_id>_<index>_<params>_<date>``)."""
+    trial = (result.metrics or {}).get("trial_id")
+    if trial is None and result.path:
+        folder = os.path.basename(str(result.path).rstrip("/"))
+        trial = next((t for t in trial_ids if f"_{t}_" in f"_{folder}_"), None)
+    return trial
 
 
 def best_result(results, metric: str, mode: str, epochs: int):
