@@ -155,11 +155,10 @@ def test_a_results_trial_id_comes_from_its_report_or_else_its_folder():
 
     from rayssl.summary import result_trial_id
 
-    ids = ["ab12c_00001", "ab12c_00011", "ab12c_00010"]
     folder = "/runs/sweep/run_trial_ab12c_00010_10_koleo_weight=0.0500,mask_ratio=0.3000_2026-12-02_07-00-00/"
     reported = SimpleNamespace(metrics={"trial_id": "ab12c_00001", "epoch": 3}, path=folder)
-    assert result_trial_id(reported, ids) == "ab12c_00001"  # the report wins over the folder
+    assert result_trial_id(reported) == "ab12c_00001"  # the report wins over the folder
     restored = SimpleNamespace(metrics={"epoch": 3}, path=folder)
-    assert result_trial_id(restored, ids) == "ab12c_00010"  # not 00001 or 00011, prefixes of others
-    assert result_trial_id(SimpleNamespace(metrics=None, path=folder.rstrip("/")), ids) == "ab12c_00010"
-    assert result_trial_id(SimpleNamespace(metrics={}, path="/runs/sweep/other_trial"), ids) is None
+    assert result_trial_id(restored) == "ab12c_00010"  # the trial id, not the index (10) or the params
+    assert result_trial_id(SimpleNamespace(metrics=None, path=folder.rstrip("/"))) == "ab12c_00010"
+    assert result_trial_id(SimpleNamespace(metrics={}, path="/runs/sweep/other_trial")) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from typing import Any, Dict
 
@@ -22,7 +23,7 @@ def close_stopped_trials(cfg: ExperimentConfig, results, uri: str, run_ids: Dict
     n = 0
     for r in results:
         metrics = r.metrics or {}
-        run_id = run_ids.get(metrics.get("trial_id"))
+        run_id = run_ids.get(result_trial_id(r))
         epoch = metrics.get("epoch")
         if r.error is not None or run_id is None or epoch is None or epoch >= cfg.train.epochs:
             continue
@@ -51,16 +52,15 @@ def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, par
     if n_errors:
         failed = [r for r in results if r.error is not None]
         for r in failed:
-            log.error("trial %s failed: %s", (r.metrics or {}).get("trial_id", r.path), str(r.error).splitlines()[0])
+            log.error("trial %s failed: %s", result_trial_id(r) or r.path, str(r.error).splitlines()[0])
         tracking.set_tags(uri, parent, {"rayssl.trials_failed": n_errors})
     if df.empty or metric not in df:
         log.error("no trial reported %s (%d errors)", metric, n_errors)
         return summary
     # Child run id per trial, for the table and the best-trial link.
-    run_ids = {}
-    for trial_id in df["trial_id"]:
-        run_ids[trial_id] = tracking.find_run(uri, exp_id, {tracking.TRIAL_TAG: trial_id,
-                                                            tracking.SWEEP_TAG: parent})
+    trial_ids = [t for t in map(result_trial_id, results) if t is not None]
+    run_ids = {t: tracking.find_run(uri, exp_id, {tracking.TRIAL_TAG: t, tracking.SWEEP_TAG: parent})
+               for t in trial_ids}
     df = df.assign(mlflow_run_id=df["trial_id"].map(run_ids))
     close_stopped_trials(cfg, results, uri, run_ids)
     cols = ["trial_id", "mlflow_run_id", *[f"config/{p}" for p in params if f"config/{p}" in df],
@@ -91,7 +91,7 @@ def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, par
     plt.close(fig)
 
     best = best_result(results, metric, mode, cfg.train.epochs)
-    best_trial = result_trial_id(best, run_ids)
+    best_trial = result_trial_id(best)
     best_run = run_ids.get(best_trial)
     tracking.set_tags(uri, parent, {"best_trial_id": best_trial, "best_run_id": best_run,
                                     f"best_{metric}": best.metrics.get(metric)})
@@ -109,14 +109,18 @@ def log_sweep_summary(cfg: ExperimentConfig, results, uri: str, exp_id: str, par
     return summary
 
 
-def result_trial_id(result, trial_ids) -> Any:
+# Tune names a trial's folder <trainable>_<trial id>_<index>_<params>_<date>; a trial id is
+# <5 hex digits>_<5-digit counter>.
+_TRIAL_FOLDER = re.compile(r"_([0-9a-f]{5}_[0-9]{5})_")
+
+
+def result_trial_id(result) -> Any:
     """The Tune trial id of ``result``: its last report's ``trial_id``, or, for a Result restored
-    with the experiment that lacks it, the one of ``trial_ids`` its folder name carries
-    (``<trainable>_<trial_id>_<index>_<params>_<date>``)."""
+    with the experiment that lacks it, the one its folder name carries (None if neither)."""
     trial = (result.metrics or {}).get("trial_id")
     if trial is None and result.path:
-        folder = os.path.basename(str(result.path).rstrip("/"))
-        trial = next((t for t in trial_ids if f"_{t}_" in f"_{folder}_"), None)
+        m = _TRIAL_FOLDER.search(os.path.basename(str(result.path).rstrip("/")))
+        trial = m.group(1) if m else None
     return trial
 
 
